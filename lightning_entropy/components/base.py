@@ -1,0 +1,114 @@
+"""Protocol base classes of the six component families.
+
+Components are pure tensor code: they never read the trainer or the config. Hyperparameters are
+keyword arguments of ``__init__`` (the config layer reads that signature); per-step numbers that a
+component wants logged go into ``self.metrics`` during the call and are logged under the family's
+prefix. Stateful components override ``state_dict`` / ``load_state_dict`` so checkpoints resume them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_entropy.batch import RolloutBatch
+
+
+class Component(ABC):
+    registry_name: ClassVar[str] = ""
+    # Optional RolloutBatch fields this component reads; the module fills them only when asked:
+    # "ref_logprobs", "self_certainty", "sampled_logits", "paired_rewards".
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Numbers to log for the current call; created lazily so subclasses need no super().__init__."""
+        if "_metrics" not in self.__dict__:
+            self.__dict__["_metrics"] = {}
+        return self.__dict__["_metrics"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but got state {sorted(state)}")
+
+    def end_step(self, summary: dict[str, float]) -> None:
+        """Called once after each RL step's update with that step's logged means (e.g. "entropy")."""
+
+
+class Sampler(Component):
+    @abstractmethod
+    def generate(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any
+    ) -> "RolloutBatch":
+        ...
+
+
+class Reward(Component):
+    # Rewards that score from the policy's own statistics (entropy, ...) set this and implement
+    # ``score_batch``; the module then calls it after the old-policy recompute.
+    needs_policy_stats: ClassVar[bool] = False
+
+    @abstractmethod
+    def __call__(
+        self, prompts: list[str], completions: list[str], references: list[str | None]
+    ) -> tuple[Tensor, list[dict[str, Any]]]:
+        ...
+
+    def score_batch(self, batch: "RolloutBatch") -> tuple[Tensor, list[dict[str, Any]]]:
+        raise TypeError(f"{type(self).__name__} scores text only; it has no score_batch")
+
+
+class AdvantageEstimator(Component):
+    @abstractmethod
+    def __call__(self, batch: "RolloutBatch") -> Tensor:
+        ...
+
+
+class TokenSelector(Component):
+    # "minibatch": statistics pooled over the whole mini-batch (all micro-batches and ranks);
+    # "micro": the official codes' per-micro-batch statistics from the current forward pass.
+    scope: str = "minibatch"
+
+    @abstractmethod
+    def __call__(self, batch: "RolloutBatch") -> Tensor:
+        ...
+
+    def micro(self, batch: "RolloutBatch", entropy: Tensor) -> Tensor:
+        """Weights for one micro-batch from the current policy's (detached) entropy; scope=micro."""
+        return self(batch)
+
+
+class PolicyLoss(Component):
+    # Losses whose effect depends on the importance ratio differing from 1 warn when every update
+    # is on-policy (one epoch, one mini-batch).
+    ratio_dependent: ClassVar[bool] = True
+    # Force an aggregation mode (GSPO: seq-mean-token-mean); None keeps ``loss.agg``.
+    agg_override: ClassVar[str | None] = None
+
+    def prepare(self, batch: "RolloutBatch") -> None:
+        """Mini-batch-scope statistics, computed once before the micro-batch loop."""
+
+    @abstractmethod
+    def __call__(self, logprobs: Tensor, batch: "RolloutBatch", entropy: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        ...
+
+
+class EntropyRegularizer(Component):
+    needs_logits: ClassVar[bool] = False  # reads the micro-batch's full next-token logits
+    needs_entropy_grad: ClassVar[bool] = False  # differentiates through the full-vocabulary entropy
+
+    def prepare(self, batch: "RolloutBatch") -> None:
+        """Mini-batch-scope statistics, computed once before the micro-batch loop."""
+
+    @abstractmethod
+    def __call__(
+        self, logits: Tensor | None, logprobs: Tensor, entropy: Tensor, batch: "RolloutBatch", step: int
+    ) -> tuple[Tensor, dict[str, Any]]:
+        ...

@@ -104,6 +104,13 @@ class EntropyRegularizer(Component):
     needs_logits: ClassVar[bool] = False  # reads the micro-batch's full next-token logits
     needs_entropy_grad: ClassVar[bool] = False  # differentiates through the full-vocabulary entropy
 
+    def modify_rollout(self, batch: "RolloutBatch", resample: Any) -> "RolloutBatch":
+        """Hook for methods that change the rollout itself (AEPO), called after rewards are scored
+        and before the old-policy recompute. ``resample(rows, temperature)`` draws ``group_size``
+        fresh responses for the prompts of ``rows`` (indices of one response per group) with the
+        current policy at that temperature and returns a scored RolloutBatch."""
+        return batch
+
     def prepare(self, batch: "RolloutBatch") -> None:
         """Mini-batch-scope statistics, computed once before the micro-batch loop."""
 

@@ -1,8 +1,15 @@
 """lightning_entropy: RLVR for language models, built for research on policy entropy."""
 
-from lightning_entropy.registry import FAMILIES, register  # noqa: I001
-import lightning_entropy.components  # noqa: F401,E402  (registers the built-in components)
-from lightning_entropy.batch import RolloutBatch  # noqa: E402
+from lightning_entropy.registry import FAMILIES, register  # noqa: I001  (must come first)
+from lightning_entropy.components import (  # noqa: F401  (registration happens on import)
+    advantages,
+    losses,
+    regularizers,
+    rewards,
+    samplers,
+    selectors,
+)
+from lightning_entropy.batch import RolloutBatch
 
 __all__ = ["FAMILIES", "RolloutBatch", "register"]
 __version__ = "0.1.0"

@@ -1,10 +1,2 @@
-"""Component families; importing this package registers every built-in component."""
-
-from lightning_entropy.components import (  # noqa: F401
-    advantages,
-    losses,
-    regularizers,
-    rewards,
-    samplers,
-    selectors,
-)
+"""Component families, one module each. ``lightning_entropy/__init__`` imports them all so that every
+built-in component is registered on import (here they would import the registry half-initialised)."""

@@ -1,0 +1,356 @@
+"""Sequence rewards: (prompts, completions, references) -> (rewards[B] float32, per-sample infos).
+
+Verifiable rewards score each completion against its reference. Every info dict carries at least
+``correct`` (bool) and ``reason`` (None when correct, else why the reward was withheld), so the
+module can log failure causes. String checks are inherently per sample; there is no tensor maths.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import multiprocessing
+import re
+from collections import Counter
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_entropy.components.base import Reward
+from lightning_entropy.registry import register
+
+Info = dict[str, Any]
+
+
+def _check_lengths(completions: list[str], references: list[str | None]) -> None:
+    if len(completions) != len(references):
+        raise ValueError(f"got {len(completions)} completions but {len(references)} references")
+
+
+def _finish(values: list[float], infos: list[Info]) -> tuple[Tensor, list[Info]]:
+    return torch.tensor(values, dtype=torch.float32), infos
+
+
+@register("reward", "exact_match")
+class ExactMatchReward(Reward):
+    """r = correct_reward if norm(completion) == norm(reference) else wrong_reward.
+
+    norm() strips whitespace, then the characters of ``strip_chars`` (e.g. "." for a trailing full
+    stop) from both ends, then whitespace again. Suits the built-in arithmetic task, whose references
+    are exactly the expected answer string. No paper: the standard rule-based outcome reward.
+    """
+
+    def __init__(
+        self, *, correct_reward: float = 1.0, wrong_reward: float = 0.0, strip_chars: str = ""
+    ) -> None:
+        if correct_reward <= wrong_reward:
+            raise ValueError(f"correct_reward={correct_reward} must exceed wrong_reward={wrong_reward}")
+        self.correct_reward = correct_reward
+        self.wrong_reward = wrong_reward
+        self.strip_chars = strip_chars
+
+    def normalise(self, text: str) -> str:
+        text = text.strip()
+        return text.strip(self.strip_chars).strip() if self.strip_chars else text
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], references: list[str | None]
+    ) -> tuple[Tensor, list[Info]]:
+        _check_lengths(completions, references)
+        values, infos = [], []
+        for completion, reference in zip(completions, references):
+            answer = self.normalise(completion or "") or None
+            if reference is None:
+                reason = "no reference"
+            elif answer is None:
+                reason = "empty answer"
+            else:
+                reason = None if answer == self.normalise(reference) else "wrong answer"
+            values.append(self.correct_reward if reason is None else self.wrong_reward)
+            infos.append({"extracted": answer, "correct": reason is None, "reason": reason})
+        return _finish(values, infos)
+
+
+def parse_countdown_reference(reference: str) -> tuple[list[int], int]:
+    """``"3,5,7=22"`` -> ([3, 5, 7], 22): the encoding written by the countdown task in data.py."""
+    match = re.fullmatch(r"\s*(\d+(?:\s*,\s*\d+)*)\s*=\s*(-?\d+)\s*", reference)
+    if match is None:
+        raise ValueError(f"malformed countdown reference {reference!r}; expected 'n1,n2,...=target'")
+    return [int(x) for x in match.group(1).split(",")], int(match.group(2))
+
+
+class _Rejected(Exception):
+    """A well-formed expression that cannot be evaluated under the rules; ``str(self)`` is the reason."""
+
+
+_BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+def _countdown_eval(node: ast.AST, integer_intermediates: bool) -> Fraction:
+    """Exact value of an expression tree of integer literals and + - * /; raises _Rejected."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left = _countdown_eval(node.left, integer_intermediates)
+        right = _countdown_eval(node.right, integer_intermediates)
+        if isinstance(node.op, ast.Div):
+            if right == 0:
+                raise _Rejected("division by zero")
+            value = left / right
+        else:
+            value = (
+                left + right
+                if isinstance(node.op, ast.Add)
+                else (left - right if isinstance(node.op, ast.Sub) else left * right)
+            )
+        if integer_intermediates and value.denominator != 1:
+            raise _Rejected("non-integer intermediate result")
+        return value
+    raise _Rejected(f"unsupported syntax: {type(node).__name__}")
+
+
+def _literals(node: ast.AST) -> list[int]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and type(n.value) is int]
+
+
+@register("reward", "countdown")
+class CountdownReward(Reward):
+    """Countdown: r = correct_reward iff the completion is an expression over the given numbers (each
+    at most as often as given; all of them when ``use_all``) that evaluates exactly to the target.
+
+    Reference format ``"3,5,7=22"`` (data.py). Only digits, + - * / (true division), parentheses and
+    spaces are accepted; unary minus, ``**`` and ``//`` are rejected. Evaluation is exact (Fraction), so
+    fractional intermediate results are allowed unless ``integer_intermediates``. A well-formed but
+    wrong expression (wrong numbers, wrong value, division by zero) earns ``format_reward``.
+    Task from TinyZero / arXiv 2501.12948-style replications (numbers-game rule set, no fixed paper).
+    """
+
+    def __init__(
+        self,
+        *,
+        correct_reward: float = 1.0,
+        format_reward: float = 0.0,
+        wrong_reward: float = 0.0,
+        use_all: bool = False,
+        integer_intermediates: bool = False,
+        max_length: int = 256,
+    ) -> None:
+        if not wrong_reward <= format_reward < correct_reward:
+            raise ValueError(
+                f"need wrong_reward <= format_reward < correct_reward, got wrong_reward={wrong_reward}, "
+                f"format_reward={format_reward}, correct_reward={correct_reward}"
+            )
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length} must be >= 1")
+        self.correct_reward = correct_reward
+        self.format_reward = format_reward
+        self.wrong_reward = wrong_reward
+        self.use_all = use_all
+        self.integer_intermediates = integer_intermediates
+        self.max_length = max_length
+
+    def judge(self, expr: str, numbers: list[int], target: int) -> tuple[bool, str | None, Fraction | None]:
+        """(well_formed, reason or None when correct, exact value when it could be computed)."""
+        # The character whitelist runs before ast so that names, calls, floats, underscores in
+        # literals ("1_0") and non-ASCII digits never reach the parser.
+        if len(expr) > self.max_length or not re.fullmatch(r"[0-9+\-*/() ]+", expr):
+            return False, "invalid characters or too long", None
+        try:
+            tree = ast.parse(expr, mode="eval").body
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return False, "unparsable", None
+        if any(isinstance(n, ast.UnaryOp) for n in ast.walk(tree)):
+            return False, "unary operator", None
+        if any(isinstance(n, ast.BinOp) and type(n.op) not in _BINOPS for n in ast.walk(tree)):
+            return False, "unsupported operator", None
+        used, given = Counter(_literals(tree)), Counter(numbers)
+        extra = sorted((used - given).elements())
+        if extra:
+            kind = "number reused" if all(n in given for n in extra) else "number not available"
+            return True, f"{kind}: {extra}", None
+        if self.use_all and used != given:
+            return True, f"numbers unused: {sorted((given - used).elements())}", None
+        try:
+            value = _countdown_eval(tree, self.integer_intermediates)
+        except _Rejected as err:
+            return True, str(err), None
+        return True, None if value == target else f"wrong value: {value}", value
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], references: list[str | None]
+    ) -> tuple[Tensor, list[Info]]:
+        _check_lengths(completions, references)
+        values, infos = [], []
+        for completion, reference in zip(completions, references):
+            expr = (completion or "").strip()
+            if reference is None or not expr:
+                well_formed, reason, value = (
+                    False,
+                    "no reference" if reference is None else "empty answer",
+                    None,
+                )
+            else:
+                well_formed, reason, value = self.judge(expr, *parse_countdown_reference(reference))
+            correct = reason is None
+            values.append(
+                self.correct_reward if correct else self.format_reward if well_formed else self.wrong_reward
+            )
+            infos.append(
+                {
+                    "extracted": expr or None,
+                    "correct": correct,
+                    "reason": reason,
+                    "well_formed": well_formed,
+                    "value": None if value is None else str(value),
+                }
+            )
+        self.metrics["well_formed"] = sum(i["well_formed"] for i in infos) / max(len(infos), 1)
+        return _finish(values, infos)
+
+
+@lru_cache(maxsize=4096)
+def _parse_reference(reference: str) -> list[Any]:
+    from math_verify import parse
+
+    # A bare reference ("\frac{1}{2}", "x^2+1") has no delimiters that math-verify's LaTeX
+    # extraction looks for; wrapping it in $...$ makes it parse as one expression.
+    text = reference if ("\\boxed" in reference or "$" in reference) else f"${reference}$"
+    return parse(text, parsing_timeout=None)
+
+
+def _math_verify_check(completion: str, reference: str) -> tuple[bool, str | None, str | None]:
+    """(correct, extracted answer, reason); runs inside the worker process."""
+    from math_verify import parse, verify
+
+    gold = _parse_reference(reference)
+    if not gold:
+        return False, None, "unparsable reference"
+    pred = parse(completion, parsing_timeout=None)
+    if not pred:
+        return False, None, "no answer found"
+    extracted = pred[-1] if isinstance(pred[-1], str) else str(pred[0])
+    correct = bool(verify(gold, pred, timeout_seconds=None))
+    return correct, extracted, None if correct else "wrong answer"
+
+
+def _math_verify_worker(conn: Any) -> None:
+    """Worker loop. math-verify's own timeouts use SIGALRM (main thread only); they are disabled
+    here and the parent enforces the deadline by killing this process instead."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    import math_verify  # noqa: F401  (import before the handshake so it does not eat a deadline)
+
+    conn.send("ready")
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(_math_verify_check(*job))
+        except Exception as err:  # a verifier bug must cost one sample, not the run
+            conn.send((False, None, f"error: {type(err).__name__}"))
+
+
+@register("reward", "math_verify")
+class MathVerifyReward(Reward):
+    """r = correct_reward iff math-verify finds the completion's final answer (\\boxed{...}, "answer
+    is ...", else the last expression) equivalent to the reference, else wrong_reward.
+
+    Each sample runs in a worker process under a ``timeout_s`` deadline: math-verify's signal-based
+    timeouts only work in the main thread, so a hung comparison (e.g. ``10^{10^{10^{10}}}``) is killed
+    with its worker instead, scored wrong_reward with reason "timeout", and the worker restarted.
+    ``start_method`` picks the multiprocessing context ("fork" is cheapest; "spawn" is safest).
+    Verifier: huggingface/Math-Verify (used by open-r1); no paper.
+    """
+
+    def __init__(
+        self,
+        *,
+        correct_reward: float = 1.0,
+        wrong_reward: float = 0.0,
+        timeout_s: float = 5.0,
+        start_method: str = "fork",
+    ) -> None:
+        if correct_reward <= wrong_reward:
+            raise ValueError(f"correct_reward={correct_reward} must exceed wrong_reward={wrong_reward}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s} must be > 0")
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method={start_method!r} is not available here; "
+                f"choose from {multiprocessing.get_all_start_methods()}"
+            )
+        self.correct_reward = correct_reward
+        self.wrong_reward = wrong_reward
+        self.timeout_s = timeout_s
+        self.start_method = start_method
+        self._worker: tuple[Any, Any] | None = None
+
+    def _start(self) -> None:
+        import math_verify  # noqa: F401  (imported once here, a forked worker restarts instantly)
+
+        ctx = multiprocessing.get_context(self.start_method)
+        conn, child_conn = ctx.Pipe()
+        proc = ctx.Process(target=_math_verify_worker, args=(child_conn,), daemon=True)
+        proc.start()
+        child_conn.close()
+        # Importing sympy can take seconds under "spawn"; that must not count as a sample's timeout.
+        if not conn.poll(120.0) or conn.recv() != "ready":
+            proc.kill()
+            raise RuntimeError("math_verify worker failed to start within 120 s")
+        self._worker = (proc, conn)
+
+    def close(self) -> None:
+        """Stop the worker process (a later call starts a fresh one)."""
+        if self._worker is not None:
+            proc, conn = self._worker
+            self._worker = None
+            proc.kill()
+            proc.join()
+            conn.close()
+
+    def check(self, completion: str, reference: str) -> tuple[bool, str | None, str | None]:
+        """(correct, extracted, reason) for one sample, within the deadline."""
+        if self._worker is None or not self._worker[0].is_alive():
+            self.close()
+            self._start()
+        _, conn = self._worker
+        try:
+            conn.send((completion, reference))
+            if not conn.poll(self.timeout_s):
+                self.close()
+                return False, None, "timeout"
+            return conn.recv()
+        except (EOFError, OSError):  # the worker died mid-sample (out of memory, a signal)
+            self.close()
+            return False, None, "verifier crashed"
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], references: list[str | None]
+    ) -> tuple[Tensor, list[Info]]:
+        _check_lengths(completions, references)
+        values, infos = [], []
+        for completion, reference in zip(completions, references):
+            if reference is None:
+                correct, extracted, reason = False, None, "no reference"
+            elif not (completion or "").strip():
+                correct, extracted, reason = False, None, "empty answer"
+            else:
+                correct, extracted, reason = self.check(completion, reference)
+            values.append(self.correct_reward if correct else self.wrong_reward)
+            infos.append({"extracted": extracted, "correct": correct, "reason": reason})
+        self.metrics["timeouts"] = float(sum(i["reason"] == "timeout" for i in infos))
+        return _finish(values, infos)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A live process cannot be pickled or deep-copied; the copy starts its own on first use.
+        return {**self.__dict__, "_worker": None}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown may have torn down multiprocessing already
+            pass

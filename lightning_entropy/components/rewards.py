@@ -354,3 +354,236 @@ class MathVerifyReward(Reward):
             self.close()
         except Exception:  # interpreter shutdown may have torn down multiprocessing already
             pass
+
+
+# ---- Unsupervised rewards: no ground truth (METHODS.md §3.9) ---------------------------------------
+# They score from the policy's own statistics or from the group's answers, so they implement
+# ``score_batch`` (called after the old-policy pass, with batch.group_ids and info["completion"]);
+# ``unsupervised`` tells the module to validate with the task's verifiable reward instead.
+import math  # noqa: E402
+from abc import abstractmethod  # noqa: E402
+
+from lightning_entropy.batch import RolloutBatch  # noqa: E402
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+EXTRACTORS = ("auto", "boxed", "number", "text", "none")
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip() or None
+    return None
+
+
+def extract_answer(text: str | None, how: str = "auto") -> str | None:
+    """Final answer of a completion, or None: "boxed" (last \\boxed{...}), "number" (last number),
+    "text" (the stripped completion), "auto" (boxed, else number, else text), "none" (always the text,
+    empty included: never a format failure)."""
+    text = text or ""
+    if how == "none":
+        return text.strip()
+    found = _last_boxed(text) if how in ("auto", "boxed") else None
+    if found is None and how in ("auto", "number"):
+        numbers = _NUMBER.findall(text)
+        found = numbers[-1] if numbers else None
+    if found is None and how in ("auto", "text"):
+        found = " ".join(text.split()) or None
+    return found
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def groups_from_prompts(prompts: list[str]) -> list[int]:
+    """Group ids for __call__, which gets no batch: a group is a run of consecutive, identical prompts
+    (the sampler emits the group_size responses of a prompt next to each other)."""
+    ids: list[int] = []
+    for i, p in enumerate(prompts):
+        ids.append(0 if i == 0 else ids[-1] + (p != prompts[i - 1]))
+    return ids
+
+
+class _AnswerVote(Reward):
+    """Shared machinery of rewards that compare the answers within a group."""
+
+    needs_policy_stats = True
+    unsupervised = True
+
+    def __init__(self, extractor: str, equivalence: str) -> None:
+        _check_choice("extractor", extractor, EXTRACTORS[:-1])
+        _check_choice("equivalence", equivalence, ("exact", "math_verify"))
+        self.extractor, self.equivalence = extractor, equivalence
+        self._verifier: MathVerifyReward | None = None
+
+    def same(self, a: str, b: str) -> bool:
+        if a == b or self.equivalence == "exact":
+            return a == b
+        if self._verifier is None:
+            self._verifier = MathVerifyReward()
+        wrap = lambda s: s if "$" in s or "\\boxed" in s else f"${s}$"  # noqa: E731
+        return self._verifier.check(wrap(a), b)[0]
+
+    def clusters(self, answers: list[str | None]) -> list[int]:
+        """Greedy clustering (EMPO's get_semantic_ids_by_rule); missing answers share one cluster."""
+        ids = [-1] * len(answers)
+        for i, a in enumerate(answers):
+            if ids[i] >= 0:
+                continue
+            ids[i] = max(ids) + 1
+            for j in range(i + 1, len(answers)):
+                b = answers[j]
+                both_missing = a is None and b is None
+                if ids[j] < 0 and (both_missing or None not in (a, b) and self.same(a, b)):
+                    ids[j] = ids[i]
+        return ids
+
+    def score_groups(self, completions: list[str], groups: list[int]) -> tuple[Tensor, list[Info]]:
+        answers = [extract_answer(c, self.extractor) for c in completions]
+        values, infos = [0.0] * len(completions), [{} for _ in completions]
+        for g in dict.fromkeys(groups):
+            rows = [i for i, x in enumerate(groups) if x == g]
+            group_values, group_infos = self.score_group([answers[i] for i in rows])
+            for i, v, info in zip(rows, group_values, group_infos):
+                values[i], infos[i] = v, {"extracted": answers[i], **info}
+        self.metrics["answer_rate"] = sum(a is not None for a in answers) / max(len(answers), 1)
+        return _finish(values, infos)
+
+    @abstractmethod
+    def score_group(self, answers: list[str | None]) -> tuple[list[float], list[Info]]:
+        """Rewards and infos of one group's extracted answers (None: no answer)."""
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], references: list[str | None]
+    ) -> tuple[Tensor, list[Info]]:
+        return self.score_groups(completions, groups_from_prompts(prompts))
+
+    def score_batch(self, batch: RolloutBatch) -> tuple[Tensor, list[Info]]:
+        return self.score_groups([i["completion"] for i in batch.info], batch.group_ids.tolist())
+
+
+@register("reward", "empo")
+class EMPOReward(_AnswerVote):
+    """EMPO semantic-cluster reward, arXiv 2504.05812: r_i = |c(i)| / G, the share of i's answer cluster.
+
+    Clusters are built greedily within each group (``equivalence``: exact string match of the
+    extracted answers, or ``math_verify``); responses with no extractable answer share one cluster,
+    count in the semantic entropy SE = -sum_c p_c log p_c and get 0. If SE >= log G (every answer
+    distinct; also any group of one) the whole group gets 0. Use with GRPO advantages.
+    """
+
+    def __init__(self, *, extractor: str = "auto", equivalence: str = "exact") -> None:
+        super().__init__(extractor, equivalence)
+
+    def score_group(self, answers: list[str | None]) -> tuple[list[float], list[Info]]:
+        ids = self.clusters(answers)
+        share = [ids.count(c) / len(ids) for c in ids]
+        se = sum(ids.count(c) / len(ids) * math.log(len(ids) / ids.count(c)) for c in set(ids))
+        confident = se < math.log(len(ids)) - 1e-9
+        values = [s if confident and a is not None else 0.0 for s, a in zip(share, answers)]
+        return values, [{"cluster": c, "semantic_entropy": se} for c in ids]
+
+
+@register("reward", "majority_vote")
+class MajorityVoteReward(_AnswerVote):
+    """Majority-vote pseudo-label (TTRL-style, arXiv 2504.16084): r_i = 1 if i's answer is equivalent to
+    the group's most frequent answer, else 0; no ground truth.
+
+    Responses without an extractable answer do not vote and get 0; a group with no answer gets 0.
+    Ties go to the tied answer that appears first in the group (``Counter.most_common`` order); a
+    group of one votes for itself.
+    """
+
+    def __init__(self, *, extractor: str = "auto", equivalence: str = "exact") -> None:
+        super().__init__(extractor, equivalence)
+
+    def score_group(self, answers: list[str | None]) -> tuple[list[float], list[Info]]:
+        ids = self.clusters(answers)
+        votes = Counter(c for c, a in zip(ids, answers) if a is not None)
+        if not votes:
+            return [0.0] * len(answers), [{"majority": None} for _ in answers]
+        top = votes.most_common(1)[0][0]
+        label = answers[ids.index(top)]
+        values = [float(c == top and a is not None) for c, a in zip(ids, answers)]
+        return values, [{"majority": label, "vote_share": votes[top] / len(answers)}] * len(ids)
+
+
+class _PolicyStatReward(Reward):
+    """Rewards computed from the old-policy recompute (batch.entropy / old_logprobs)."""
+
+    needs_policy_stats = True
+    unsupervised = True
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], references: list[str | None]
+    ) -> tuple[Tensor, list[Info]]:
+        raise TypeError(
+            f"reward '{self.registry_name}' scores from the policy's own token statistics: the module "
+            "calls score_batch(batch) after the old-policy pass; it cannot score text alone"
+        )
+
+
+@register("reward", "rent")
+class RENTReward(_PolicyStatReward):
+    """RENT, arXiv 2505.22660: r_i = -mean_t H_t over the whole response (old-policy entropies).
+
+    A format failure (``extractor`` finds no answer in info["completion"], e.g. an empty or, with
+    "boxed", an unboxed completion) replaces the mean entropy by ``entropy_base`` (7.0, code default),
+    so r = -7; ``extractor: none`` never fails. Use with GRPO advantages (rent-rl ``entropy.yaml``).
+    """
+
+    def __init__(self, *, entropy_base: float = 7.0, extractor: str = "auto") -> None:
+        _check_choice("extractor", extractor, EXTRACTORS)
+        self.entropy_base, self.extractor = entropy_base, extractor
+
+    def score_batch(self, batch: RolloutBatch) -> tuple[Tensor, list[Info]]:
+        mask = batch.response_mask.float()
+        mean_h = (batch.entropy.float() * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        ok = [extract_answer(i.get("completion"), self.extractor) is not None for i in batch.info]
+        ok_t = torch.tensor(ok, dtype=torch.bool, device=mean_h.device)
+        rewards = -torch.where(ok_t, mean_h, torch.full_like(mean_h, self.entropy_base))
+        self.metrics["format_ok"] = sum(ok) / max(len(ok), 1)
+        infos = [{"mean_entropy": float(h), "format_ok": o} for h, o in zip(mean_h, ok)]
+        return rewards.cpu(), infos
+
+
+@register("reward", "em_rl")
+class EMRLReward(_PolicyStatReward):
+    """EM-RL, arXiv 2505.15134 [UNVERIFIED]: reward = negative entropy of the response.
+
+    ``variant: token`` r_i = -sum_t H_t (token-level, old-policy entropies); ``trajectory``
+    r_i = sum_t log pi_old(o_t) = log pi(y), the one-sample estimate of the trajectory entropy's negative.
+    """
+
+    def __init__(self, *, variant: str = "token") -> None:
+        _check_choice("variant", variant, ("token", "trajectory"))
+        self.variant = variant
+
+    def score_batch(self, batch: RolloutBatch) -> tuple[Tensor, list[Info]]:
+        mask = batch.response_mask.float()
+        values = -batch.entropy.float() if self.variant == "token" else batch.old_logprobs.float()
+        rewards = (torch.where(mask > 0, values, torch.zeros_like(values)) * mask).sum(-1)
+        return rewards.cpu(), [{} for _ in range(batch.size)]
+
+
+@register("reward", "constant")
+class ConstantReward(Reward):
+    """r = value for every response: group-relative advantages are exactly 0, so the policy-gradient
+    term vanishes and the regularizer (e.g. ``em_ft``) is the whole objective (one-shot EM)."""
+
+    unsupervised = True
+
+    def __init__(self, *, value: float = 0.0) -> None:
+        self.value = value
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], references: list[str | None]
+    ) -> tuple[Tensor, list[Info]]:
+        return _finish([self.value] * len(completions), [{} for _ in completions])

@@ -1,12 +1,93 @@
-"""Token selectors: which response tokens carry the policy loss, and with what weight (METHODS.md §2)."""
+"""Token selectors: which response tokens carry the policy loss, and with what weight (METHODS.md §2).
+
+A selector's ``__call__`` sees a whole mini-batch (this rank's rows) and the old policy's entropy;
+its statistics (top-k, normalisers) are pooled over every rank, so 2 ranks x N prompts select what
+1 rank x 2N prompts selects. With ``scope: micro`` the module calls ``micro(micro_batch, entropy_cur)``
+instead, which reproduces the official codes' per-micro-batch statistics from the current forward.
+Exact-count selections break ties by global token position (row-major over valid tokens, ranks in
+order), so they are deterministic and independent of how the batch is split.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
 from torch import Tensor
 
 from lightning_entropy.batch import RolloutBatch
 from lightning_entropy.components.base import TokenSelector
+from lightning_entropy.components.common import (
+    all_gather_cat,
+    all_reduce_max,
+    all_reduce_min,
+    all_reduce_sum,
+    rank_offset,
+)
 from lightning_entropy.registry import register
+
+SCOPES = ("minibatch", "micro")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    return scope
+
+
+def check_fraction(name: str, value: float, low_open: bool = True) -> float:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok:
+        raise ValueError(f"{name} must be in {'(0' if low_open else '[0'}, 1], got {value!r}")
+    return value
+
+
+def token_count(fraction: float, n: int, rounding: str) -> int:
+    """ceil/floor of ``fraction * n`` without float noise (0.2 * 15 is 3.0000000000000004)."""
+    x = round(fraction * n, 6)
+    return math.ceil(x) if rounding == "ceil" else math.floor(x)
+
+
+def gather_valid(values: Tensor, mask: Tensor, pooled: bool) -> tuple[Tensor, int]:
+    """Values at valid tokens in row-major order, concatenated over ranks when ``pooled``, and the
+    position of this rank's first token in that vector."""
+    local = values.detach()[mask.bool()]
+    if not pooled:
+        return local, 0
+    return all_gather_cat(local), rank_offset(local.numel(), values.device)
+
+
+def scatter_valid(flat: Tensor, offset: int, mask: Tensor) -> Tensor:
+    """Inverse of ``gather_valid``: this rank's slice of a pooled vector back onto [B, T] (0 elsewhere)."""
+    m = mask.bool()
+    out = torch.zeros(m.shape, dtype=flat.dtype, device=mask.device)
+    out[m] = flat[offset : offset + int(m.sum())].to(mask.device)
+    return out
+
+
+def top_k_mask(values: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Exactly min(k, N) entries of a 1-D tensor; a stable sort gives ties to the lower position."""
+    order = torch.sort(values, descending=largest, stable=True).indices
+    out = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    out[order[:k]] = True
+    return out
+
+
+def record_selection(
+    metrics: dict[str, Any], kept: Tensor, entropy: Tensor, mask: Tensor, pooled: bool
+) -> None:
+    """kept_frac and the mean entropy of kept vs dropped tokens, pooled like the selection."""
+    m = mask.float()
+    k = kept.float() * m
+    stats = torch.stack([k.sum(), m.sum(), (entropy * k).sum(), (entropy * (m - k)).sum()]).float()
+    if pooled:
+        stats = all_reduce_sum(stats)
+    n_kept, n = stats[0], stats[1]
+    metrics["kept_frac"] = n_kept / n.clamp_min(1)
+    metrics["kept_entropy"] = stats[2] / n_kept.clamp_min(1)
+    metrics["dropped_entropy"] = stats[3] / (n - n_kept).clamp_min(1)
 
 
 @register("selector", "all")
@@ -15,3 +96,209 @@ class AllTokens(TokenSelector):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         return batch.response_mask.float()
+
+
+class _EntropyRank(TokenSelector):
+    largest: bool = True
+
+    def __init__(self, *, rho: float = 0.2, scope: str = "minibatch") -> None:
+        self.rho = check_fraction("rho", rho)
+        self.scope = check_scope(scope)
+
+    def _select(self, entropy: Tensor, mask: Tensor, pooled: bool) -> Tensor:
+        vals, offset = gather_valid(entropy.float(), mask, pooled)
+        kept = top_k_mask(vals, max(1, token_count(self.rho, vals.numel(), "ceil")), self.largest)
+        out = scatter_valid(kept, offset, mask)
+        record_selection(self.metrics, out, entropy.float(), mask, pooled)
+        return out.float()
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        return self._select(batch.entropy, batch.response_mask, pooled=True)
+
+    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
+        return self._select(entropy, batch.response_mask, pooled=False)
+
+
+@register("selector", "high_entropy")
+class HighEntropyTokens(_EntropyRank):
+    """Top-rho high-entropy "forking" tokens, arXiv 2506.01939 ("Beyond the 80/20 Rule").
+
+    keep the k = max(1, ceil(rho * N_valid)) highest-entropy valid tokens (weight 1), exactly k even
+    with ties (ties go to the earlier global position; the official ``torch.topk`` breaks them
+    arbitrarily). ``scope: minibatch`` ranks the old policy's entropy over the whole mini-batch and
+    all ranks (the paper's "batch"); ``micro`` ranks the current entropy within each micro-batch
+    (official ``get_global_entropy_top_mask``). Default rho = 0.2.
+    """
+
+
+@register("selector", "low_entropy")
+class LowEntropyTokens(_EntropyRank):
+    """Contrast ablation of arXiv 2506.01939: keep the k = max(1, ceil(rho * N_valid)) LOWEST-entropy
+    valid tokens (ties to the earlier position). Same scopes as ``high_entropy``; default rho = 0.2."""
+
+    largest = False
+
+
+@register("selector", "random_tokens")
+class RandomTokens(TokenSelector):
+    """Control ablation for entropy-based selection (arXiv 2506.01939 compares against random tokens):
+    keep k = max(1, ceil(rho * N_valid)) valid tokens uniformly at random.
+
+    The generator is seeded from ``seed`` and the call count (checkpointed), so a run reproduces and a
+    resumed run continues the same sequence; every rank draws the same pooled keys, so the choice is
+    invariant to the number of ranks.
+    """
+
+    def __init__(self, *, rho: float = 0.2, seed: int = 0, scope: str = "minibatch") -> None:
+        self.rho = check_fraction("rho", rho)
+        self.seed = int(seed)
+        self.scope = check_scope(scope)
+        self.calls = 0
+
+    def _select(self, entropy: Tensor, mask: Tensor, pooled: bool) -> Tensor:
+        n_local = torch.tensor(float(mask.bool().sum()), device=mask.device)
+        n = int((all_reduce_sum(n_local) if pooled else n_local).item())
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+        self.calls += 1
+        keys = torch.rand(n, generator=gen)
+        kept = top_k_mask(keys, max(1, token_count(self.rho, n, "ceil")))
+        out = scatter_valid(kept, rank_offset(int(n_local.item()), mask.device) if pooled else 0, mask)
+        record_selection(self.metrics, out, entropy.float(), mask, pooled)
+        return out.float()
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        return self._select(batch.entropy, batch.response_mask, pooled=True)
+
+    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
+        return self._select(entropy, batch.response_mask, pooled=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = int(state["calls"])
+
+
+@register("selector", "window_entropy")
+class WindowEntropyTokens(TokenSelector):
+    """High window-entropy (HWE) tokens, ARES arXiv 2510.08457: keep token t when the mean entropy of
+    the FOLLOWING ``window`` valid tokens, mean(H_{t+1..t+w}), is >= ``threshold`` (tokens without a
+    full window are never kept). Defaults w = 4, threshold 1.5 (ARES rollout config).
+
+    Differences from ARES, which uses this count for a reward rather than to select tokens: H here is
+    the full-vocabulary entropy of ``batch.entropy`` (ARES estimates it from vLLM's top-10 log-probs
+    plus a tail bucket, which reads lower on flat distributions), and ARES's curated trigger-string
+    list is not shipped: by default every token is a candidate, or pass ``token_ids`` to restrict the
+    triggers to those ids (ARES matches the decoded top-1 token, not the sampled one). No batch
+    statistic is taken; ``scope`` picks the old (minibatch) or current (micro) entropy.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = 4,
+        threshold: float = 1.5,
+        token_ids: Sequence[int] | None = None,
+        scope: str = "minibatch",
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window!r}")
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0 (entropy in nats), got {threshold!r}")
+        self.window, self.threshold = int(window), float(threshold)
+        self.token_ids = None if token_ids is None else [int(t) for t in token_ids]
+        self.scope = check_scope(scope)
+
+    def _select(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
+        m = batch.response_mask.float()
+        h = torch.where(m > 0, entropy.float(), torch.zeros_like(m))
+        zero = torch.zeros_like(m[:, :1])
+        cs_h, cs_m = torch.cat([zero, h.cumsum(-1)], -1), torch.cat([zero, m.cumsum(-1)], -1)
+        w, T = self.window, m.shape[1]
+        # window of t is t+1..t+w: cumsum[t+w+1] - cumsum[t+1], defined for t + w < T
+        win_h = torch.zeros_like(m)
+        win_n = torch.zeros_like(m)
+        if T > w:
+            win_h[:, : T - w] = cs_h[:, w + 1 :] - cs_h[:, 1 : T - w + 1]
+            win_n[:, : T - w] = cs_m[:, w + 1 :] - cs_m[:, 1 : T - w + 1]
+        kept = (m > 0) & (win_n == w) & (win_h / w >= self.threshold)
+        if self.token_ids is not None:
+            ids = torch.tensor(self.token_ids, dtype=batch.response_ids.dtype, device=m.device)
+            kept &= torch.isin(batch.response_ids, ids)
+        record_selection(
+            self.metrics, kept, entropy.float(), batch.response_mask, pooled=self.scope == "minibatch"
+        )
+        return kept.float()
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        return self._select(batch, batch.entropy)
+
+    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
+        return self._select(batch, entropy)
+
+
+@register("selector", "steer")
+class STEERWeights(TokenSelector):
+    """STEER token reweighting, arXiv 2510.10150 (official ``compute_token_weights``).
+
+    Omega_t = A_t / pi_old(o_t) * pi(o_t)(1 - pi(o_t))(log pi(o_t) + H_old,t), the first-order entropy
+    change; exponential (default): lambda_t = clamp(exp(-k|Omega_t|), w_min, 1) with
+    k = -ln(w_min) / max(max|Omega|, 0.02); linear: lambda_t = w_max - (|Omega_t| - min)/(max - min)
+    (w_max - w_min), clamped, midpoint when max == min. Defaults follow the main script (exponential,
+    w_min 0.8); the linear script uses [0.8, 1.2], the code's fallback [0.95, 1.05].
+
+    pi is the current policy in the official code. The selector interface sees no current log-probs,
+    so pi = pi_old from ``old_logprobs`` in both scopes: identical at the first update of a rollout,
+    an approximation at later ones. ``scope`` sets where max/min |Omega| are taken: the whole
+    mini-batch over all ranks (minibatch) or each micro-batch (micro, official). H is the old-policy
+    entropy in both scopes, as in the official code. Note the module's token-mean divides by the sum
+    of weights; the official code divides by the token count.
+    """
+
+    def __init__(
+        self, *, mode: str = "exponential", w_min: float = 0.8, w_max: float = 1.0, scope: str = "minibatch"
+    ) -> None:
+        if mode not in ("exponential", "linear"):
+            raise ValueError(f"mode must be 'exponential' or 'linear', got {mode!r}")
+        if not 0.0 < w_min <= 1.0:
+            raise ValueError(f"w_min must be in (0, 1], got {w_min!r}")
+        if w_max < w_min:
+            raise ValueError(f"w_max must be >= w_min ({w_min}), got {w_max!r}")
+        self.mode, self.w_min, self.w_max = mode, float(w_min), float(w_max)
+        self.scope = check_scope(scope)
+
+    def _weights(self, batch: RolloutBatch, pooled: bool) -> Tensor:
+        mask = batch.response_mask.bool()
+        with torch.no_grad():
+            pi = batch.old_logprobs.float().exp().clamp(1e-8, 1 - 1e-8)
+            pi_old = batch.old_logprobs.float().exp().clamp(1e-8, 1.0)
+            omega = batch.advantages.float() / pi_old * pi * (1 - pi) * (pi.log() + batch.entropy.float())
+            omega = torch.where(torch.isfinite(omega), omega, torch.zeros_like(omega)).abs()
+            n = torch.tensor(float(mask.sum()), device=mask.device)
+            big = torch.tensor(float("inf"), device=mask.device)
+            hi = torch.where(mask, omega, -big).max() if mask.any() else -big
+            lo = torch.where(mask, omega, big).min() if mask.any() else big
+            if pooled:
+                n, hi, lo = all_reduce_sum(n), all_reduce_max(hi), all_reduce_min(lo)
+            if n.item() == 0:
+                return torch.zeros_like(omega)
+            if self.mode == "exponential":
+                k = -math.log(self.w_min) / hi.clamp_min(0.02)
+                w = torch.exp(-k * omega).clamp(self.w_min, 1.0)
+            elif hi > lo:
+                w = (self.w_max - (omega - lo) / (hi - lo) * (self.w_max - self.w_min)).clamp(
+                    self.w_min, self.w_max
+                )
+            else:
+                w = torch.full_like(omega, (self.w_min + self.w_max) / 2)
+            w = w * mask.float()
+        self.metrics["omega_abs"] = omega
+        self.metrics["weight"] = w
+        self.metrics["weight_min"] = torch.where(mask, w, torch.full_like(w, float("inf"))).min()
+        return w
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        return self._weights(batch, pooled=True)
+
+    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
+        return self._weights(batch, pooled=False)

@@ -87,7 +87,7 @@ class Registry:
         return signature_params(self.get(name))
 
     def check_kwargs(self, name: str, kwargs: dict[str, Any], key: str | None = None) -> None:
-        accepted = {p.name: p for p in self.params(name)}
+        accepted = {p.name: p for p in signature_params(self.get(name, key))}
         for k in kwargs:
             if k not in accepted:
                 close = difflib.get_close_matches(k, list(accepted), n=1, cutoff=0.5)

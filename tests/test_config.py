@@ -1,0 +1,118 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lightning_entropy.__main__ import main
+from lightning_entropy.config import Config, ConfigError, import_user_modules, load_config, validate
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+
+
+def test_default_validates():
+    cfg = load_config()
+    comps = validate(cfg)
+    assert comps["advantage"].registry_name == "grpo"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_validates(path):
+    if "sweeps" in path.parts:
+        pytest.skip("sweep grids are checked by the sweep tests")
+    cfg = load_config(path)
+    validate(cfg)
+
+
+def test_shipped_default_matches_embedded_default():
+    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    assert OmegaConf.to_container(shipped) == OmegaConf.to_container(OmegaConf.structured(Config))
+
+
+def test_overrides_and_component_swap_drops_old_hyperparameters(tmp_path):
+    cfg = load_config(None, ["loss.eps_high=0.28", "optim.lr=1e-3"])
+    assert cfg.loss.eps_high == 0.28 and cfg.optim.lr == 1e-3
+    assert cfg.loss.agg == "token-mean"
+    swapped = load_config(None, ["loss.eps_high=0.28", "loss.name=gspo"])
+    # eps_high was set for ppo, but a new name starts the section afresh (agg is framework-owned)
+    assert swapped.loss.name == "gspo" and "agg" in swapped.loss
+
+
+def test_unknown_component_name_names_key_and_closest(tmp_path):
+    cfg = load_config(None, ["advantage.name=grpoo"])
+    with pytest.raises(ConfigError, match=r"unknown advantage 'grpoo'.*config key 'advantage'.*did you mean 'grpo'"):
+        validate(cfg)
+
+
+def test_mistyped_hyperparameter_lists_accepted():
+    cfg = load_config(None, ["loss.eps_hgh=0.3"])
+    with pytest.raises(ConfigError, match=r"loss.eps_hgh.*Did you mean 'eps_high'.*Accepted: eps_low=0.2"):
+        validate(cfg)
+
+
+def test_bad_yaml_key_names_file_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  lr: 1e-4\n  lrr: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*optim.lrr"):
+        load_config(f)
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["sampler.group_size=1"], "group_size=1 with advantage 'grpo'"),
+        (["algo.mini_batch_size=7"], "mini_batch_size=7 must divide the rollout size"),
+        (["data.path=/nonexistent/prompts.jsonl"], "data.path: file not found: /nonexistent/prompts.jsonl"),
+        (["loss.agg=token-sum"], "loss.agg: 'token-sum'"),
+        (["logging.pass_k=[16]"], "pass_k"),
+        (["data.prompts_per_step=3", "trainer.devices=2", "trainer.strategy=ddp"], "multiple of the number of ranks"),
+        (["data.task=sudoku"], "unknown task 'sudoku'"),
+        (["model.dtype=fp8"], "model.dtype"),
+    ],
+)
+def test_impossible_settings_fail_before_model_load(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(load_config(None, overrides))
+
+
+def test_cli_bad_name_fails_fast_with_exit_code_2(tmp_path, capsys):
+    rc = main(["fit", "advantage.name=qea", f"logging.root={tmp_path}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown advantage 'qea'" in err and "qae" in err
+    assert not any(tmp_path.iterdir()), "nothing may be written before validation passes"
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("precious")
+    rc = main(["fit", f"logging.root={tmp_path}", "logging.name=taken"])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
+
+
+def test_user_component_import_registers(tmp_path):
+    f = tmp_path / "my_comp.py"
+    f.write_text(textwrap.dedent('''
+        from lightning_entropy import register
+        from lightning_entropy.components.base import AdvantageEstimator
+
+        @register("advantage", "my_constant_test")
+        class Constant(AdvantageEstimator):
+            """A = c on every response token."""
+            def __init__(self, *, c: float = 1.0):
+                self.c = c
+            def __call__(self, batch):
+                return batch.response_mask.float() * self.c
+    '''))
+    import_user_modules([str(f)])
+    cfg = load_config(None, ["advantage.name=my_constant_test", "advantage.c=2.0"])
+    assert validate(cfg)["advantage"].c == 2.0
+    from lightning_entropy.registry import ADVANTAGES
+
+    ADVANTAGES._entries.pop("my_constant_test")

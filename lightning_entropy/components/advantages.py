@@ -313,7 +313,7 @@ class GTPOAdvantage(AdvantageEstimator):
         _need(batch, "entropy")
         gidx, n_groups = group_index(batch.group_ids)
         mask = batch.response_mask.bool()
-        # float64: equal shaped rewards must normalise to exactly 0, not to rounding noise / std_eps
+        # float64: equal shaped rewards must normalise to ~0, not to float32 rounding noise / std_eps
         r, h = batch.rewards.double(), batch.entropy.detach().double().clamp_min(0)
         success = r > self.threshold
         pos, neg = mask & success[:, None], mask & ~success[:, None]
@@ -482,7 +482,7 @@ class AAPOAdvantage(AdvantageEstimator):
         if self.scale_rewards:
             adv = adv / (std + self.eps)
         momentum = (r - batch.paired_rewards.float()).clamp(-self.clip_low, self.clip_high)
-        self.metrics["momentum"] = momentum.mean()
+        self.metrics["momentum"] = _global_mean(momentum).float()
         return broadcast_to_tokens(adv + momentum, batch.response_mask)
 
 
@@ -537,7 +537,7 @@ class UCASAdvantage(AdvantageEstimator):
             l_hat = torch.full_like(logits, 0.5)
         scaled = (adv * mod)[:, None]
         raw = scaled - self.gamma * l_hat
-        self.metrics["modulation"] = mod.mean()
+        self.metrics["modulation"] = _global_mean(mod).float()
         return torch.where(scaled > 0, raw.clamp_min(0), raw) * mask
 
 
@@ -587,7 +587,7 @@ class EGSWAdvantage(_Composed):
         w = w / _per_position_sum(w, gidx, n_groups).clamp_min(1e-30)
         if self.rescale:
             w = w * _per_position_sum(active.float(), gidx, n_groups)
-        self.metrics["weight_max"] = w.max() if w.numel() else torch.tensor(0.0)
+        self.metrics["weight_max"] = all_reduce_max(w.max() if w.numel() else w.new_zeros(()))
         return adv * w * mask
 
 

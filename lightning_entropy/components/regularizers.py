@@ -158,8 +158,9 @@ class AdaptiveEntropy(EntropyRegularizer):
 def clamped_entropy(logits: Tensor, clamp_p: float) -> Tensor:
     """AEnt's clamped entropy [B, T]: drop the floor(p V) lowest logits per position, renormalise.
 
-    The cut is chosen without grad; entries tied with the floor(p V)-th lowest logit are all dropped
-    (the official ``topk`` breaks such ties arbitrarily). Gradients reach only the kept logits.
+    Exactly floor(p V) entries go, chosen without grad; ties at the cut are broken by position (the
+    lower index goes first; the official ``topk`` breaks them arbitrarily). Gradients reach only
+    the kept logits.
     """
     n_drop = int(logits.shape[-1] * clamp_p)
     if n_drop == 0:
@@ -167,6 +168,11 @@ def clamped_entropy(logits: Tensor, clamp_p: float) -> Tensor:
     with torch.no_grad():
         cut = logits.kthvalue(n_drop, dim=-1, keepdim=True).values
         dropped = logits <= cut
+        excess = dropped.sum(-1, keepdim=True) - n_drop
+        if bool((excess > 0).any()):  # ties at the cut: keep the last `excess` of them
+            tie = logits == cut
+            rank = tie.cumsum(-1, dtype=torch.int32)
+            dropped &= ~(tie & (rank > rank[..., -1:] - excess))
     return entropy_of(logits.masked_fill(dropped, float("-inf")))
 
 
@@ -308,7 +314,7 @@ class SIREN(EntropyRegularizer):
         rows = keep.sum(-1) > 0
         per_seq = (torch.where(keep > 0, h, torch.zeros_like(h)) * keep).sum(-1) / keep.sum(-1).clamp_min(1)
         h_hat = per_seq.sum() / rows.sum().clamp_min(1)
-        self.metrics.update(topp_entropy=h.detach(), kept_frac=keep, h_hat=float(h_hat))
+        self.metrics.update(topp_entropy=h.detach(), kept_frac=keep, h_hat=float(h_hat.detach()))
         if self.anchor is None:
             self._measure.add(per_seq, rows.float())
             return h.new_zeros(()), dict(self.metrics)

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 SPLITS = ("train", "validation", "warmstart")  # warmstart: SFT examples from the training side
-_ENUM_LIMIT = 100_000  # spaces up to this size are listed exactly; larger ones are sampled
+_ENUM_LIMIT = 20_000  # spaces up to this size are listed exactly; larger ones are sampled
 
 
 @dataclass
@@ -74,6 +74,15 @@ class Task(ABC):
     def is_validation(self, key: str, seed: int) -> bool:
         return derive_seed(seed, "split", key) / 2**63 < self.val_fraction
 
+    def _side(self, listed: list[Example], seed: int, want_val: bool) -> tuple[Example, ...]:
+        # Cached: setup, warm-start and tests ask for several splits of the same listed space.
+        cache = self.__dict__.setdefault("_sides", {})
+        if (seed, want_val) not in cache:
+            cache[seed, want_val] = tuple(
+                ex for ex in listed if self.is_validation(self.key(ex), seed) == want_val
+            )
+        return cache[seed, want_val]
+
     def generate(self, split: str, n: int, seed: int) -> list[Example]:
         """``n`` distinct problems of ``split``; the same arguments always give the same list, and a
         shorter list is a prefix of a longer one."""
@@ -84,7 +93,7 @@ class Task(ABC):
         rng = random.Random(derive_seed(seed, "draw", split))
         listed = self.space()
         if listed is not None:
-            pool = [ex for ex in listed if self.is_validation(self.key(ex), seed) == want_val]
+            pool = list(self._side(listed, seed, want_val))
             if n > len(pool):
                 raise ValueError(
                     f"{self.describe()}: the {split} split needs {n} distinct problems but its side of "
@@ -174,7 +183,11 @@ class ArithmeticTask(Task):
 
     def space(self) -> list[Example] | None:
         n = self.space_size()
-        return [self.decode(i) for i in range(n)] if n <= _ENUM_LIMIT else None
+        if n > _ENUM_LIMIT:
+            return None
+        if "_space" not in self.__dict__:
+            self._space = [self.decode(i) for i in range(n)]
+        return self._space
 
 
 class CountdownTask(Task):
@@ -219,7 +232,15 @@ class CountdownTask(Task):
         (ltext, lval), (rtext, rval) = left, right
         if op == "/" and (rval == 0 or lval % rval != 0):
             return None
-        value = {"+": lval + rval, "-": lval - rval, "*": lval * rval, "/": lval / rval}[op]
+        value = (
+            lval + rval
+            if op == "+"
+            else lval - rval
+            if op == "-"
+            else lval * rval
+            if op == "*"
+            else lval / rval
+        )
         # Parenthesise every sub-expression: correct whatever the precedence, and only a hint.
         ltext = ltext if len(leaves[:cut]) == 1 else f"({ltext})"
         rtext = rtext if len(leaves[cut:]) == 1 else f"({rtext})"

@@ -86,34 +86,32 @@ class _Rejected(Exception):
     """A well-formed expression that cannot be evaluated under the rules; ``str(self)`` is the reason."""
 
 
-_BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div)
+
+
+def _is_int_literal(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and type(node.value) is int
 
 
 def _countdown_eval(node: ast.AST, integer_intermediates: bool) -> Fraction:
-    """Exact value of an expression tree of integer literals and + - * /; raises _Rejected."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
+    """Exact value of a validated tree of integer literals and + - * /; raises _Rejected."""
+    if _is_int_literal(node):
         return Fraction(node.value)
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        left = _countdown_eval(node.left, integer_intermediates)
-        right = _countdown_eval(node.right, integer_intermediates)
-        if isinstance(node.op, ast.Div):
-            if right == 0:
-                raise _Rejected("division by zero")
-            value = left / right
-        else:
-            value = (
-                left + right
-                if isinstance(node.op, ast.Add)
-                else (left - right if isinstance(node.op, ast.Sub) else left * right)
-            )
-        if integer_intermediates and value.denominator != 1:
-            raise _Rejected("non-integer intermediate result")
-        return value
-    raise _Rejected(f"unsupported syntax: {type(node).__name__}")
+    left = _countdown_eval(node.left, integer_intermediates)
+    right = _countdown_eval(node.right, integer_intermediates)
+    if isinstance(node.op, ast.Div):
+        if right == 0:
+            raise _Rejected("division by zero")
+        value = left / right
+    else:
+        value = {ast.Add: left + right, ast.Sub: left - right, ast.Mult: left * right}[type(node.op)]
+    if integer_intermediates and value.denominator != 1:
+        raise _Rejected("non-integer intermediate result")
+    return value
 
 
 def _literals(node: ast.AST) -> list[int]:
-    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and type(n.value) is int]
+    return [n.value for n in ast.walk(node) if _is_int_literal(n)]
 
 
 @register("reward", "countdown")
@@ -162,10 +160,13 @@ class CountdownReward(Reward):
             tree = ast.parse(expr, mode="eval").body
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             return False, "unparsable", None
-        if any(isinstance(n, ast.UnaryOp) for n in ast.walk(tree)):
-            return False, "unary operator", None
-        if any(isinstance(n, ast.BinOp) and type(n.op) not in _BINOPS for n in ast.walk(tree)):
-            return False, "unsupported operator", None
+        for node in ast.walk(tree):
+            if isinstance(node, ast.UnaryOp):
+                return False, "unary operator", None
+            if isinstance(node, ast.BinOp) and type(node.op) not in _BINOPS:
+                return False, "unsupported operator", None
+            if not isinstance(node, (ast.BinOp, ast.operator)) and not _is_int_literal(node):
+                return False, f"unsupported syntax: {type(node).__name__}", None
         used, given = Counter(_literals(tree)), Counter(numbers)
         extra = sorted((used - given).elements())
         if extra:
@@ -187,11 +188,8 @@ class CountdownReward(Reward):
         for completion, reference in zip(completions, references):
             expr = (completion or "").strip()
             if reference is None or not expr:
-                well_formed, reason, value = (
-                    False,
-                    "no reference" if reference is None else "empty answer",
-                    None,
-                )
+                reason = "no reference" if reference is None else "empty answer"
+                well_formed, value = False, None
             else:
                 well_formed, reason, value = self.judge(expr, *parse_countdown_reference(reference))
             correct = reason is None

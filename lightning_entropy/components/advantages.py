@@ -201,7 +201,7 @@ class QAEAdvantage(AdvantageEstimator):
         adv = r - mean
         if self.norm_std:
             adv = adv / (std + self.eps)
-        zeros = all_reduce_sum(torch.stack([(adv == 0).sum().float(), torch.tensor(float(adv.numel()))]))
+        zeros = all_reduce_sum(torch.stack([(adv == 0).sum().float(), adv.new_tensor(float(adv.numel()))]))
         self.metrics["zero_frac"] = zeros[0] / zeros[1].clamp_min(1)
         return broadcast_to_tokens(adv, batch.response_mask)
 
@@ -267,7 +267,7 @@ class CANONAdvantage(AdvantageEstimator):
         alpha_on_r = high if self.metric == "length" else ~high
         inter = torch.where(alpha_on_r, self.alpha * r - other, r - self.alpha * other)
         inter = inter + torch.where(high, self.beta, -self.beta)
-        lam = torch.tensor(self.lam)
+        lam = r.new_tensor(self.lam)
         if self.anneal:
             mean_r = _global_mean(r).float()
             lam = 1.0 - mean_r if self.anneal_schedule == "inter_first" else mean_r
@@ -594,6 +594,27 @@ class EGSWAdvantage(_Composed):
 # ---- risk-sensitive and best-of baselines ---------------------------------------------------
 
 
+def _bundle_papers(
+    r: Tensor, group_ids: Tensor, bundle_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """RiskPO papers: per response its paper id and whether it is in one; per paper its score and bundle.
+
+    Bundle b holds groups b*bundle_size .. (sorted ids); paper k takes each question's k-th response in
+    batch order, for k below the bundle's smallest group size.
+    """
+    qidx, n_q = group_index(group_ids)
+    k, _, sizes = _rank_in_group(torch.arange(r.numel(), device=r.device).float(), qidx, n_q)
+    n_b = -(-n_q // bundle_size)
+    question_bundle = torch.arange(n_q, device=r.device) // bundle_size
+    papers = sizes.new_full((n_b,), int(sizes.max())).scatter_reduce(0, question_bundle, sizes, "amin")
+    bundle = question_bundle[qidx]
+    in_paper = k < papers[bundle]
+    paper_id = torch.where(in_paper, (torch.cumsum(papers, 0) - papers)[bundle] + k, 0)
+    scores = r.new_zeros(int(papers.sum())).index_add(0, paper_id, torch.where(in_paper, r, 0.0))
+    paper_bundle = torch.repeat_interleave(torch.arange(n_b, device=r.device), papers)
+    return paper_id, in_paper, scores, paper_bundle, n_b
+
+
 @register("advantage", "riskpo")
 class RiskPOAdvantage(AdvantageEstimator):
     """RiskPO, arXiv 2510.00911: Mixed Value-at-Risk over bundled questions. Bundles are ``bundle_size``
@@ -650,17 +671,7 @@ class RiskPOAdvantage(AdvantageEstimator):
     def __call__(self, batch: RolloutBatch) -> Tensor:
         # Bundles may straddle ranks: gather every reward and compute the whole batch's answer on each rank.
         r_all, g_all = all_gather_cat(batch.rewards.float()), all_gather_cat(batch.group_ids)
-        qidx, n_q = group_index(g_all)
-        k, _, sizes = _rank_in_group(torch.arange(r_all.numel(), device=r_all.device).float(), qidx, n_q)
-        bundle, n_b = qidx // self.bundle_size, -(-n_q // self.bundle_size)
-        question_bundle = torch.arange(n_q, device=r_all.device) // self.bundle_size
-        papers = sizes.new_full((n_b,), int(sizes.max())).scatter_reduce(0, question_bundle, sizes, "amin")
-        in_paper = k < papers[bundle]
-        paper_id = (torch.cumsum(papers, 0) - papers)[bundle] + k
-        n_papers = int(papers.sum().item())
-        paper_id = torch.where(in_paper, paper_id, 0)
-        scores = r_all.new_zeros(n_papers).index_add(0, paper_id, torch.where(in_paper, r_all, 0.0))
-        paper_bundle = torch.repeat_interleave(torch.arange(n_b, device=r_all.device), papers)
+        paper_id, in_paper, scores, paper_bundle, n_b = _bundle_papers(r_all, g_all, self.bundle_size)
         _, bundle_std = group_mean_std(scores, paper_bundle)
         if self.quantile_mode == "track" and self.q_track is not None:
             q_a = torch.full_like(scores, self.q_track[0])

@@ -86,11 +86,13 @@ def gppo_surrogate(
     return dual_clip(loss, adv, clip_c, stats), stats
 
 
-def check_clip(eps_low: float, eps_high: float, clip_c: float | None) -> None:
+def check_clip(
+    eps_low: float, eps_high: float, clip_c: float | None, names: tuple[str, str] = ("eps_low", "eps_high")
+) -> None:
     if not 0.0 <= eps_low <= 1.0:
-        raise ValueError(f"eps_low must be in [0, 1], got {eps_low!r}")
+        raise ValueError(f"{names[0]} must be in [0, 1], got {eps_low!r}")
     if eps_high < 0:
-        raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
+        raise ValueError(f"{names[1]} must be >= 0, got {eps_high!r}")
     if clip_c is not None and clip_c <= 1.0:
         raise ValueError(f"clip_c must be > 1 (dual-clip bound) or null, got {clip_c!r}")
 
@@ -524,7 +526,7 @@ class CISPOLoss(PolicyLoss):
     """
 
     def __init__(self, *, eps_low_is: float = 1.0, eps_high_is: float = 4.0) -> None:
-        check_clip(eps_low_is, eps_high_is, None)
+        check_clip(eps_low_is, eps_high_is, None, names=("eps_low_is", "eps_high_is"))
         self.eps_low_is, self.eps_high_is = eps_low_is, eps_high_is
 
     def __call__(

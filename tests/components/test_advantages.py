@@ -194,9 +194,10 @@ def test_qae_two_regime_gate() -> None:
 
 
 def test_qae_gate_boundary_is_exact() -> None:
-    # p = 1-K exactly is "hard". K=0.6, G=5: 0.6*5 = 3.0000000000000004 in floating point.
-    adv = seq(build("qae", k=0.6, norm_std=False)(make_batch([0, 0, 0, 1, 1], [0] * 5)))
-    assert torch.equal(adv, torch.tensor([0.0, 0, 0, 1, 1]))
+    # p = 1-K exactly is "hard": F(0) = 7/25 = K. In floating point 0.28*25 = 7.000000000000001.
+    r = [0.0] * 7 + [1.0] * 18
+    adv = seq(build("qae", k=0.28, norm_std=False)(make_batch(r, [0] * 25)))
+    assert torch.equal(adv, torch.tensor(r))
     adv = seq(build("qae", k=0.4, norm_std=False)(make_batch([1, 1, 1, 0, 0], [0] * 5)))
     assert torch.equal(adv, torch.tensor([1.0, 1, 1, 0, 0]))
 

@@ -207,6 +207,8 @@ class ClipCovLoss(_ScopedLoss):
     (no token is PPO-clipped there: r = 1); ``micro`` selects per micro-batch from the current one.
     """
 
+    ratio_dependent = False  # detaching the chosen tokens acts even when every update is on-policy
+
     def __init__(
         self,
         *,
@@ -571,6 +573,8 @@ class EntroPICLoss(_ScopedLoss):
     mini-batch count of old-policy high-probability tokens (identical at the first update).
     """
 
+    ratio_dependent = False  # the alpha-weighted term has gradient -alpha |A| grad log pi even at r = 1
+
     def __init__(
         self,
         *,
@@ -687,6 +691,8 @@ class HAPOClipLoss(_ScopedLoss):
     ``scope: minibatch`` takes the statistics over the whole mini-batch and all ranks from the old
     policy's entropy; ``micro`` from the current entropy of each micro-batch (official).
     """
+
+    ratio_dependent = False  # at r = 1 low-entropy tokens already get the reshaped advantage
 
     def __init__(
         self,

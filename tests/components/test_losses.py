@@ -481,6 +481,27 @@ def test_every_loss_runs_with_defaults(name):
             assert torch.isfinite(torch.as_tensor(v, dtype=torch.float32)).all() or name == "bapo"
 
 
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_all_advantages_zero_gives_no_policy_gradient(name):
+    batch, cur, ent_cur = random_batch(seed=4)
+    batch.advantages = torch.zeros_like(batch.advantages)
+    total, grad, _ = run(LOSSES.build(name), cur, batch, ent_cur)
+    if name != "kl_cov":
+        assert total.item() == 0 and torch.all(grad == 0)
+        return
+    # KL-Cov: every Cov is 0, so the top-k are the first k valid tokens (ties by position), and their
+    # |log r| penalty is all that remains
+    valid = batch.response_mask.bool()
+    k = max(1, math.floor(2e-3 * int(valid.sum())))
+    first = torch.zeros(int(valid.sum()), dtype=torch.bool)
+    first[:k] = True
+    pen = torch.zeros_like(cur, dtype=torch.bool)
+    pen[valid] = first
+    delta = cur - batch.old_logprobs
+    assert total.item() == pytest.approx(float(delta[pen].abs().sum() / valid.sum()), abs=1e-6)
+    assert torch.allclose(grad, pen.float() * delta.sign() / valid.sum())
+
+
 SCOPED = [
     (ClipCovLoss, {"clip_ratio": 0.2, "cov_low": -5.0, "cov_high": 5.0, "eps_low": 0.2, "eps_high": 0.2}),
     (KLCovLoss, {"kl_cov_ratio": 0.2}),

@@ -35,7 +35,7 @@ class TinyConfig:
     warmstart_steps: int = 600
     warmstart_lr: float = 2e-3
     warmstart_batch_size: int = 64
-    warmstart_examples: int = 20000
+    warmstart_examples: int = 5000
 
 
 @dataclass

@@ -106,7 +106,7 @@ def warm_start(model: torch.nn.Module, tokenizer: Any, examples: list[Any], *, s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return losses

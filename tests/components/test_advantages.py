@@ -563,6 +563,16 @@ def test_riskpo_quantile_tracking_and_resume() -> None:
     assert resumed.state_dict() == est.state_dict()
 
 
+def test_riskpo_std_credit_floor() -> None:
+    # Q0 [1,1,1] has std 0 -> divided by 1, not by ~0; Q1 [0,1,0] std 0.5773503. Papers S = [1, 2, 1]:
+    # q_a = 1, q_b = 1.8, std(S) = 0.5773503. S=1: g = (1 - 1.8)/0.7, c = 0 -> A = g/2.5/std(S); S=2: 0.
+    batch = make_batch([1, 1, 1, 0, 1, 0], [0, 0, 0, 1, 1, 1])
+    adv = seq(build("riskpo", bundle_size=2, quantile_mode="batch")(batch))
+    s = math.sqrt(1 / 3)
+    a = (-0.8 / 0.7) / 2.5 / s
+    assert torch.allclose(adv, torch.tensor([a, 0, a, a / s, 0, a / s]), atol=1e-4)
+
+
 def test_riskpo_edges() -> None:
     # groups of one: every bundle has a single paper -> q_a = q_b = S -> 0
     assert (build("riskpo")(make_batch([1, 0, 1], [0, 1, 2])) == 0).all()

@@ -376,3 +376,46 @@ def test_build_datamodule_from_config():
     assert dm.seed == 3 and dm.task.reverse_answer and dm.task.ops == "+-" and dm.prompts_per_step == 8
     dm.setup()
     assert len(dm.train_examples) == 100 and dm.train_examples[0].prompt.endswith("=r")
+
+
+def test_lightning_checkpoint_resumes_the_stream(tmp_path):
+    import lightning as L
+    import torch
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[tuple[int, int]] = []
+
+        def training_step(self, data, batch_idx):
+            self.seen.append((data["index"], data["group_offset"]))
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward((self.w**2).sum())
+            opt.step()
+            self.trainer.datamodule.mark_consumed(data["index"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(steps, ckpt=None):
+        module, dm = Recorder(), _dm()
+        trainer = L.Trainer(
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        return trainer, module, dm
+
+    trainer, first, dm = fit(3)
+    assert first.seen == [(0, 0), (1, 4), (2, 8)] and dm.position == 3
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    _, resumed, dm2 = fit(5, str(tmp_path / "c.ckpt"))
+    assert resumed.seen == [(3, 12), (4, 16)] and dm2.position == 5

@@ -123,7 +123,9 @@ class CountdownReward(Reward):
     spaces are accepted; unary minus, ``**`` and ``//`` are rejected. Evaluation is exact (Fraction), so
     fractional intermediate results are allowed unless ``integer_intermediates``. A well-formed but
     wrong expression (wrong numbers, wrong value, division by zero) earns ``format_reward``.
-    Task from TinyZero / arXiv 2501.12948-style replications (numbers-game rule set, no fixed paper).
+    The Countdown task of TinyZero (a reproduction of DeepSeek-R1-Zero, arXiv 2501.12948), whose
+    reward differs from these defaults: it requires every number exactly once (``use_all=True``) and
+    gives 0.1 for a well-formed wrong answer (``format_reward=0.1``).
     """
 
     def __init__(

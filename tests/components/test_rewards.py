@@ -249,5 +249,8 @@ def test_registered_and_buildable(name):
     r, infos = reward(["p"], ["1"], ["1"] if name != "countdown" else ["1,2=1"])
     assert r.tolist() == [1.0] and infos[0]["correct"] is True
     getattr(reward, "close", lambda: None)()
-    with pytest.raises(RegistryError, match="timeout_s"):
+
+
+def test_registry_rejects_a_mistyped_hyperparameter():
+    with pytest.raises(RegistryError, match="Did you mean 'timeout_s'"):
         REWARDS.build("math_verify", {"timeout": 1.0})

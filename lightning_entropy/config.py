@@ -32,7 +32,7 @@ class TinyConfig:
     intermediate_size: int = 576
     max_positions: int = 64
     seed: int = 0
-    warmstart_steps: int = 600
+    warmstart_steps: int = 350
     warmstart_lr: float = 2e-3
     warmstart_batch_size: int = 64
     warmstart_examples: int = 5000
@@ -51,8 +51,8 @@ class DataConfig:
     task: str | None = "arithmetic"  # built-in task, or null when `path` is set
     path: str | None = None  # JSONL / Parquet file, or hf:<name>[:<split>]
     val_path: str | None = None
-    difficulty: int = 1
-    options: dict[str, Any] = field(default_factory=dict)  # task-specific options
+    difficulty: int = 2  # arithmetic: digits per operand; countdown: how many numbers
+    options: dict[str, Any] = field(default_factory=lambda: {"reverse_answer": True})  # task options
     train_size: int = 5000
     val_size: int = 128
     prompt_key: str = "prompt"
@@ -290,7 +290,7 @@ def _validate_data(cfg: DictConfig) -> None:
     if d.path is not None:
         if not str(d.path).startswith("hf:") and not Path(d.path).is_file():
             raise ConfigError(f"data.path: file not found: {d.path}")
-        if d.val_path is not None and not Path(d.val_path).is_file():
+        if d.val_path is not None and not str(d.val_path).startswith("hf:") and not Path(d.val_path).is_file():
             raise ConfigError(f"data.val_path: file not found: {d.val_path}")
     elif d.task not in data_mod.TASKS:
         raise ConfigError(f"data.task: unknown task '{d.task}'; built-in tasks: {', '.join(data_mod.TASKS)}")

@@ -92,6 +92,7 @@ class RLVRModule(L.LightningModule):
             return
         m = self.cfg.model
         self.policy = load_policy(self.policy_path, dtype=m.dtype, gradient_checkpointing=m.gradient_checkpointing)
+        self.policy.train()  # from_pretrained returns eval mode; log-prob passes switch to eval themselves
         if self.uses_ref:
             self.ref_policy = load_policy(self.policy_path, dtype=m.dtype)
             self.ref_policy.requires_grad_(False).eval()
@@ -303,11 +304,11 @@ class RLVRModule(L.LightningModule):
         view = logits / self.temperature if reg.needs_logits else None
         reg_loss, rstats = reg(view, logprobs, entropy, micro, step)
         total = pg + reg_loss
-        stats: dict[str, float] = {"train/pg_loss": float(pg) / scale, "train/reg_loss": float(reg_loss) / scale}
+        stats: dict[str, float] = {"train/pg_loss": pg.item() / scale, "train/reg_loss": reg_loss.item() / scale}
         if self.cfg.algo.kl_coef > 0:
             kl = micro.agg(kl_penalty(logprobs, micro.ref_logprobs, self.cfg.algo.kl_type), kind="response")
             total = total + self.cfg.algo.kl_coef * kl
-            stats["train/kl_ref"] = float(kl) / scale
+            stats["train/kl_ref"] = kl.item() / scale
         with torch.no_grad():
             mask = micro.response_mask.float()
             approx = kl_penalty(micro.old_logprobs, logprobs.detach(), "k3")
@@ -405,7 +406,7 @@ class RLVRModule(L.LightningModule):
         self._log_validation()
 
     def _log_validation(self) -> None:
-        if self.val_acc.count.item() == 0 and not world_size() > 1:
+        if self.val_acc.weight.item() == 0 and not world_size() > 1:
             return
         self.log("val/acc", self.val_acc.compute(), prog_bar=True)
         for k, v in self.val_passk.compute().items():

@@ -32,8 +32,10 @@ class StepMean:
 
     def __init__(self) -> None:
         self.sums: Tensor | None = None
+        self.device = torch.device("cpu")
 
     def add(self, values: Tensor, weights: Tensor) -> None:
+        self.device = values.device
         with torch.no_grad():
             w = weights.float()
             v = torch.where(w > 0, values.detach().float(), torch.zeros_like(w))
@@ -42,8 +44,8 @@ class StepMean:
 
     def pop(self) -> float | None:
         """The step's mean (None when nothing was measured anywhere); resets. Collective call."""
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        s = all_reduce_sum(self.sums if self.sums is not None else torch.zeros(2, device=dev))
+        # a rank that measured nothing this step still joins the reduction, on its last device
+        s = all_reduce_sum(self.sums if self.sums is not None else torch.zeros(2, device=self.device))
         self.sums = None
         return float(s[0] / s[1]) if float(s[1]) > 0 else None
 

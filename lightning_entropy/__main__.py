@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_entropy.config import ConfigError, import_user_modules, load_config, to_yaml, validate
+
+
+RUN_NAME_ENV = "LIGHTNING_ENTROPY_RUN_NAME"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,7 +92,8 @@ def resolve_run(args: Any) -> tuple[DictConfig, Path, str | None]:
         cfg = load_config(args.config or saved, args.overrides, args.imports)
         return cfg, run_dir, str(ckpt)
     cfg = load_config(args.config, args.overrides, args.imports)
-    name = cfg.logging.name or time.strftime("fit-%Y%m%d-%H%M%S")
+    # DDP relaunches this command once per rank: every rank must agree on the generated name
+    name = cfg.logging.name or os.environ.setdefault(RUN_NAME_ENV, time.strftime("fit-%Y%m%d-%H%M%S"))
     run_dir = Path(cfg.logging.root) / name
     return cfg, run_dir, None
 
@@ -98,7 +103,7 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
     base = Path(args.config).parent if args.config else None
     import_user_modules(list(cfg.imports), base=base)
     validate(cfg)
-    if not ckpt and not validate_only:
+    if not ckpt and not validate_only and _env_rank() == 0:
         if run_dir.exists():
             raise ConfigError(f"run directory {run_dir} already exists; never overwritten: choose another "
                               "logging.name, or continue it with --resume {run_dir}/checkpoints/last.ckpt")
@@ -139,7 +144,11 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt)
         return 0
     start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    finally:
+        if _env_rank() == 0:
+            os.environ.pop(RUN_NAME_ENV, None)
     if trainer.is_global_zero:
         print(f"\nRun finished in {time.time() - start:.0f}s: {run_dir}")
         if cfg.logging.plot:
@@ -161,8 +170,6 @@ def prepare_policy(cfg: DictConfig, datamodule: Any) -> str:
 
 
 def _env_rank() -> int:
-    import os
-
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -264,18 +264,9 @@ class RLVRModule(L.LightningModule):
         sums: dict[str, list[float]] = {}
         for _ in range(self.cfg.algo.ppo_epochs):
             for mb in self._minibatches(batch):
-                mb.token_weights = self.selector(mb).to(torch.float32) * mb.response_mask
-                self.policy_loss.prepare(mb)
-                self.regularizer.prepare(mb)
-                norm = make_agg_norm([mb], self.agg_mode, const=float(self.max_new_tokens or mb.response_ids.shape[1]),
-                                     reduce=True)
                 opt.zero_grad()
-                for micro in mb.split(self._micro_size(mb.size)):
-                    micro.agg_norm = norm
-                    loss, stats = self._micro_loss(micro, step, scale=micro.size / mb.size)
-                    self.manual_backward(loss)
-                    for k, v in stats.items():
-                        sums.setdefault(k, []).append(v)
+                for k, v in self.accumulate_gradients(mb, step).items():
+                    sums.setdefault(k, []).append(v)
                 if self.cfg.optim.grad_clip:
                     gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
                     sums.setdefault("train/grad_norm", []).append(float(gn))
@@ -285,6 +276,30 @@ class RLVRModule(L.LightningModule):
         for k, v in sums.items():
             self.log(k, float(np.mean(v)), on_step=True, sync_dist=False)
         self.log("train/lr", sched.get_last_lr()[0], on_step=True)
+
+    def accumulate_gradients(self, mb: RolloutBatch, step: int) -> dict[str, float]:
+        """Select tokens, then forward/backward every micro-batch of one mini-batch (this rank's rows).
+
+        The loss normalisers are pooled over the whole mini-batch and all ranks first, so the summed
+        gradient does not depend on the micro-batch size or the number of ranks.
+        """
+        mb.token_weights = self.selector(mb).to(torch.float32) * mb.response_mask
+        const = float(self.max_new_tokens or mb.response_ids.shape[1])
+        norm = make_agg_norm([mb], self.agg_mode, const=const, reduce=True)
+        mb.agg_norm = norm
+        self.policy_loss.prepare(mb)
+        self.regularizer.prepare(mb)
+        stats: dict[str, list[float]] = {}
+        for micro in mb.split(self._micro_size(mb.size)):
+            micro.agg_norm = norm
+            loss, micro_stats = self._micro_loss(micro, step, scale=micro.size / mb.size)
+            if self._trainer is not None:
+                self.manual_backward(loss)
+            else:
+                loss.backward()
+            for k, v in micro_stats.items():
+                stats.setdefault(k, []).append(v)
+        return {k: float(np.mean(v)) for k, v in stats.items()}
 
     def _micro_loss(self, micro: RolloutBatch, step: int, scale: float) -> tuple[Tensor, dict[str, float]]:
         logits = self._forward_logits(self.policy, micro)
@@ -369,6 +384,8 @@ class RLVRModule(L.LightningModule):
         kept = self._gsum(torch.stack([sel.sum(), mb.response_mask.float().sum()]))
         self.log("selector/kept_frac", kept[0] / kept[1].clamp_min(1), on_step=True)
         for k, v in self.selector.metrics.items():
+            if k == "kept_frac":  # pooled over ranks just above
+                continue
             self.log(f"selector/{k}", _reduce_stat(v, mb.response_mask.float()), on_step=True)
         self.selector.metrics.clear()
 

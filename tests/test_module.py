@@ -1,0 +1,137 @@
+"""The update loop without a Trainer: micro-batching and data parallelism must not change gradients."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_entropy.config import load_config
+from lightning_entropy.models import build_char_tokenizer, build_tiny_model
+from lightning_entropy.module import RLVRModule, kl_penalty
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy")
+    tok = build_char_tokenizer()
+    build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                     max_positions=64, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def make_module(policy_dir, *overrides):
+    cfg = load_config(None, ["sampler.group_size=4", "data.prompts_per_step=4", "sampler.max_new_tokens=6",
+                             *overrides])
+    m = RLVRModule(cfg, policy_dir)
+    m.configure_model()
+    return m
+
+
+def make_rollout(m, seed=0):
+    torch.manual_seed(seed)
+    prompts = ["12+34=r", "5+77=r", "60+21=r", "9+9=r"]
+    batch = m.sampler.generate(m.policy, m.tokenizer, prompts, m.group_size)
+    g = torch.Generator().manual_seed(seed)
+    batch.rewards = torch.randint(0, 2, (batch.size,), generator=g).float()
+    m.old_policy_pass(batch)
+    batch.advantages = m.advantage_fn(batch) * batch.response_mask
+    return batch
+
+
+def grads_for(m, batch):
+    m.policy.zero_grad()
+    m.accumulate_gradients(batch, step=0)
+    return {n: p.grad.clone() for n, p in m.policy.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("extra", [[], ["regularizer.name=entropy_bonus", "regularizer.coef=0.01"],
+                                   ["algo.kl_coef=0.1"]])
+def test_micro_batches_do_not_change_the_gradient(policy_dir, agg, extra):
+    whole = make_module(policy_dir, f"loss.agg={agg}", *extra)
+    batch = make_rollout(whole)
+    # perturb so the ratio is not 1 and clipping is exercised
+    batch.old_logprobs = batch.old_logprobs + 0.3 * torch.randn_like(batch.old_logprobs) * batch.response_mask
+    g_whole = grads_for(whole, batch)
+    micro = make_module(policy_dir, f"loss.agg={agg}", "algo.micro_batch_size=3", *extra)
+    g_micro = grads_for(micro, batch)
+    assert g_whole.keys() == g_micro.keys() and g_whole
+    for k in g_whole:
+        assert torch.allclose(g_whole[k], g_micro[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_old_policy_pass_matches_naive_log_softmax(policy_dir):
+    m = make_module(policy_dir, "sampler.temperature=0.7")
+    batch = make_rollout(m)
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = m.policy(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    logp = torch.log_softmax(logits[:, P - 1 : P - 1 + T] / 0.7, -1)
+    ref = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * batch.response_mask
+    ent = -(logp.exp() * logp).sum(-1) * batch.response_mask
+    assert torch.allclose(batch.old_logprobs, ref, atol=1e-5)
+    assert torch.allclose(batch.entropy, ent, atol=1e-4)
+
+
+def test_kl_estimators_by_hand():
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    d = lp - ref  # [0.5, -1.0]
+    assert torch.allclose(kl_penalty(lp, ref, "k1"), d)
+    assert torch.allclose(kl_penalty(lp, ref, "k2"), 0.5 * d**2)
+    assert torch.allclose(kl_penalty(lp, ref, "k3"), torch.exp(-d) + d - 1)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, policy_dir, overrides, batch, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        m = make_module(policy_dir, *overrides)
+        half = batch.size // world
+        g = grads_for(m, batch.index(slice(rank * half, (rank + 1) * half)))
+        for v in g.values():  # what DDP does: average gradients over ranks
+            dist.all_reduce(v)
+            v /= world
+        if rank == 0:
+            out.put({k: v.numpy() for k, v in g.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss.agg=token-mean"],
+    ["loss.agg=seq-mean-token-mean", "advantage.name=rloo"],
+    ["loss.agg=token-mean", "selector.name=high_entropy", "loss.name=clip_cov"],
+], ids=["token-mean", "seq-mean", "80-20+clip_cov"])
+def test_two_ranks_give_the_gradient_of_one(policy_dir, overrides):
+    single = make_module(policy_dir, *overrides)
+    batch = make_rollout(single)
+    batch.old_logprobs = batch.old_logprobs + 0.3 * torch.randn_like(batch.old_logprobs) * batch.response_mask
+    expected = grads_for(single, batch)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, _free_port() if r == 0 else None, policy_dir, overrides,
+                                                     batch, out)) for r in range(2)]
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, policy_dir, overrides, batch, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = out.get(timeout=240)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for k, v in expected.items():
+        assert torch.allclose(torch.from_numpy(got[k]), v, atol=1e-5, rtol=1e-4), k

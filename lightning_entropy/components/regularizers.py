@@ -103,7 +103,8 @@ class AdaptiveEntropy(EntropyRegularizer):
     c_{k+1} = clip(c_k + delta if e_k <= target else c_k - delta, coef_min, coef_max), where e_k is
     the step's mean current-policy token entropy. The gate uses the previous step's entropy like TRL;
     before the first measurement it is closed (with the default c_0 = 0 nothing is applied either way).
-    Defaults: TRL / Skywork-OR1 (target 0.2 nats, delta 0.005, c in [0, 1], c_0 = 0).
+    Defaults: TRL's GRPOConfig (entropy_target 0.2 nats, entropy_coef_delta 0.005, bounds [0, 1],
+    entropy_coef 0); that they are the paper's exact values is [UNVERIFIED].
     """
 
     needs_entropy_grad = True

@@ -271,8 +271,9 @@ class SIREN(EntropyRegularizer):
     H_hat = seq-mean-token-mean of the top-p entropy (``top_p_entropy``) over each sequence's tokens
     above its ``mask_ratio``-quantile (``torch.nanquantile`` per row; with ``mask_ratio_upper`` only
     tokens in (q_lo, q_hi], which the official ``mask_by_quantile`` accepts but ignores). The anchor
-    is H_hat over the whole first RL step (measured from the current policy while it is on-policy,
-    then fixed and checkpointed); the penalty is 0 during that step. A square of a mean cannot be
+    is H_hat over every micro-batch of the first RL step, from the current logits (the official code
+    uses that step's old-policy pass; they agree until the step's first optimizer update), then fixed
+    and checkpointed; the penalty is 0 during that step. A square of a mean cannot be
     split: like the official code the square is taken per micro-batch, weighted by its share of the
     mini-batch's sequences (exact when a mini-batch is one micro-batch). Rows with no kept token are
     excluded from H_hat. Defaults: ``exp_scripts/siren.sh`` (coef 0.005, p 0.8, k 10000, ratio 0.8).

@@ -583,10 +583,12 @@ class EPO(EntropyRegularizer):
         self._measure.add(batch.entropy, _resp(batch))
         hist, smooth = self.historical_entropy(), entropy.new_zeros(())
         w = epo_phase_weight(step, self.max_steps, *self.lambdas) if self.phase_weights else 1.0
-        if hist is not None and step >= self.start_step:
+        active = hist is not None and step >= self.start_step
+        if active:
             pen = self.penalty(entropy, batch, hist)
             smooth = batch.agg(pen, kind="response")
-            self.metrics.update(penalty=pen.detach(), historical_entropy=hist, phase_weight=w)
+            self.metrics.update(penalty=pen.detach(), historical_entropy=hist)
+        self.metrics.update(phase_weight=w, smoothing_on=float(active))
         loss = -self.coef * (batch.agg(entropy, kind="response") - self.smooth_coef * w * smooth)
         return loss, dict(self.metrics)
 

@@ -89,7 +89,7 @@ def _chunk_grad(
 
 class _LogpEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, chunk_size, entropy_grad, compute_entropy):  # noqa: ANN001
+    def forward(ctx, logits, targets, temperature, chunk_size, entropy_grad, compute_entropy):
         flat, n = _flat_view(logits), targets.numel()
         tflat = targets.reshape(-1)
         logp = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -110,7 +110,7 @@ class _LogpEntropy(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):  # noqa: ANN001
+    def backward(ctx, g_logp, g_ent):
         logits, tflat, lse, ent = ctx.saved_tensors
         T, n = ctx.temperature, tflat.numel()
         flat = _flat_view(logits)
@@ -170,7 +170,7 @@ class _HiddenLogpEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, targets, temperature, chunk_size, entropy_grad, compute_entropy, cdt
-    ):  # noqa: ANN001
+    ):
         h, tflat, n = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), targets.numel()
         w, b = weight.to(cdt), None if bias is None else bias.to(cdt)
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -197,7 +197,7 @@ class _HiddenLogpEntropy(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):  # noqa: ANN001
+    def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, tflat, lse, ent = ctx.saved_tensors
         T, n, cdt = ctx.temperature, tflat.numel(), ctx.cdt
         h = hidden.reshape(-1, hidden.shape[-1])
@@ -230,7 +230,10 @@ class _HiddenLogpEntropy(torch.autograd.Function):
                 if grad_h is not None:
                     grad_h[i:j] = gzc @ w
                 if grad_w is not None:
-                    grad_w += (gzc.t() @ hc).float() if cdt != torch.float32 else gzc.t() @ hc
+                    if cdt == torch.float32:  # in place: no second [V, D] buffer
+                        grad_w.addmm_(gzc.t(), hc)
+                    else:
+                        grad_w += gzc.t() @ hc
         grad_h = None if grad_h is None else grad_h.view(hidden.shape)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)

@@ -345,7 +345,8 @@ class RLVRModule(L.LightningModule):
         tm["cov_logp_adv"].update(batch.old_logprobs, batch.advantages, mask)
         tm["zero_var_groups"].update(batch.rewards, batch.group_ids)
         for name in ("entropy", "cov_logp_adv", "zero_var_groups"):
-            self.log(f"train/{name}", tm[name], on_step=True, prog_bar=name == "entropy")
+            self.log(f"train/{name}", tm[name].compute(), on_step=True, prog_bar=name == "entropy")
+            tm[name].reset()
         q = tm["entropy_q"].compute()
         for k, v in q.items():
             self.log(f"train/entropy_{k}", v, on_step=True)
@@ -380,7 +381,8 @@ class RLVRModule(L.LightningModule):
         tm = self.train_metrics
         sel = (mb.token_weights > 0).float() * mb.response_mask
         tm["entropy_selected"].update(mb.entropy, sel)
-        self.log("train/entropy_selected", tm["entropy_selected"], on_step=True)
+        self.log("train/entropy_selected", tm["entropy_selected"].compute(), on_step=True)
+        tm["entropy_selected"].reset()
         kept = self._gsum(torch.stack([sel.sum(), mb.response_mask.float().sum()]))
         self.log("selector/kept_frac", kept[0] / kept[1].clamp_min(1), on_step=True)
         for k, v in self.selector.metrics.items():
@@ -423,25 +425,25 @@ class RLVRModule(L.LightningModule):
         self._log_validation()
 
     def _log_validation(self) -> None:
-        if self.val_acc.weight.item() == 0 and not world_size() > 1:
-            return
-        self.log("val/acc", self.val_acc.compute(), prog_bar=True)
-        for k, v in self.val_passk.compute().items():
-            self.log(f"val/{k}", v)
+        """Validation metrics, synced over ranks, logged against the number of completed RL steps
+        (Lightning's own step counter would put a post-update evaluation at the previous step)."""
+        acc = self.val_acc.compute()
+        passk = self.val_passk.compute()
         self.val_acc.reset()
         self.val_passk.reset()
+        values = {"val/acc": float(acc), **{f"val/{k}": float(v) for k, v in passk.items()}}
+        for lg in self.loggers:
+            lg.log_metrics(values, step=self.rl_step)
+            lg.save()
+        if self._trainer is not None and not self.trainer.sanity_checking:
+            self.log("val/acc", acc, prog_bar=True, logger=False)
 
     def on_train_start(self) -> None:
-        # the step-0 baseline of validation accuracy (Lightning's sanity check does not log)
+        # the step-0 baseline of validation accuracy, before any update
         if self.rl_step == 0 and self.trainer.datamodule is not None:
             for data in self.trainer.datamodule.val_dataloader():
                 self.evaluate_examples(data["examples"])
-            acc = self.val_acc.compute()
-            passk = self.val_passk.compute()
-            self.val_acc.reset()
-            self.val_passk.reset()
-            for lg in self.loggers:
-                lg.log_metrics({"val/acc": float(acc), **{f"val/{k}": float(v) for k, v in passk.items()}}, step=0)
+            self._log_validation()
 
     # ---- checkpoint state ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -57,3 +57,22 @@ def test_resume_continues_exactly(tmp_path, tiny_cache):
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_runs_two_steps(tmp_path, tiny_cache, config):
     fit(tmp_path, config.stem, "trainer.max_steps=2", config=config)
+
+
+def test_ddp_two_cpu_processes_fit(tmp_path, tiny_cache):
+    """The real launcher path: Lightning relaunches the command once per rank."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LIGHTNING_ENTROPY_CACHE": str(tiny_cache)}
+    env.pop("LIGHTNING_ENTROPY_RUN_NAME", None)
+    cmd = [sys.executable, "-m", "lightning_entropy", "fit", *TINY, f"logging.root={tmp_path}",
+           "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=2", "logging.ckpt_every=1"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1, runs  # both ranks agreed on one generated run directory
+    series = read_metrics(runs[0])
+    assert [s for s, _ in series["train/reward"]] == [0, 1]
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()

@@ -115,7 +115,6 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
     from lightning_entropy.data import build_datamodule
     from lightning_entropy.module import RLVRModule
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     is_rank0 = _env_rank() == 0
     if not validate_only and is_rank0:
         run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
@@ -123,13 +122,15 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
          ).write_text(to_yaml(cfg))
     datamodule = build_datamodule(cfg)
     policy_path = prepare_policy(cfg, datamodule)
+    # seeded after the (cached or fresh) tiny-policy build so both paths start the same stream
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = RLVRModule(cfg, policy_path)
     t = cfg.trainer
     loggers: list[Any] = [CSVLogger(str(run_dir), name="logs")]
     if cfg.logging.tensorboard:
         loggers.append(TensorBoardLogger(str(run_dir), name="tb"))
     per_step = module.updates_per_step
-    ckpt_cb = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step}", save_last=True,
+    ckpt_cb = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="optstep{step}", save_last=True,
                               every_n_train_steps=cfg.logging.ckpt_every * per_step, save_top_k=-1,
                               auto_insert_metric_name=False)
     trainer = L.Trainer(

@@ -271,7 +271,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     return comps
 
 
-GROUP_BASELINES = {"grpo", "dr_grpo", "rloo", "qae", "canon", "mapo", "hapo_token", "passk", "opo"}
+# estimators whose baseline compares responses to the same prompt (degenerate with one per group)
+GROUP_BASELINES = {"grpo", "dr_grpo", "rloo", "qae", "canon", "mapo", "hapo_token", "passk", "opo", "gtpo",
+                   "grpo_s", "ucas", "riskpo", "aapo", "reinforce_pp_baseline"}
 
 
 def _world_size(t: Any) -> int:

@@ -398,6 +398,12 @@ class _Batches(IterableDataset):
         return len(self.batches)
 
 
+def _own_generator(seed: int) -> torch.Generator:
+    # Creating a DataLoader iterator draws a base seed; from the global RNG that draw would shift the
+    # sampling stream whenever an iterator is (re)created, e.g. on resume or for each validation.
+    return torch.Generator().manual_seed(seed)
+
+
 class PromptDataModule(L.LightningDataModule):
     """RL-step batches of prompts: batch k is ``{"index": k, "examples": [...], "group_offset": int}``,
     this rank's contiguous share of the k-th global batch of ``prompts_per_step`` prompts.
@@ -536,7 +542,8 @@ class PromptDataModule(L.LightningDataModule):
                 f"prompts_per_step={self.prompts_per_step} is not divisible by world size {world}"
             )
         self.setup()
-        return DataLoader(_StepStream(self, rank, world), batch_size=None, num_workers=0, collate_fn=_keep)
+        return DataLoader(_StepStream(self, rank, world), batch_size=None, num_workers=0, collate_fn=_keep,
+                          generator=_own_generator(self.seed))
 
     def val_batches(self, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
         """This rank's contiguous shard of the validation set, in batches of ``val_batch_size``."""
@@ -554,7 +561,8 @@ class PromptDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            _Batches(self.val_batches(*self.rank_world())), batch_size=None, num_workers=0, collate_fn=_keep
+            _Batches(self.val_batches(*self.rank_world())), batch_size=None, num_workers=0, collate_fn=_keep,
+            generator=_own_generator(self.seed),
         )
 
     # ---- resume ---------------------------------------------------------------------------

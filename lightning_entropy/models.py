@@ -60,8 +60,9 @@ def build_tiny_model(vocab_size: int, *, hidden_size: int, num_layers: int, num_
         eos_token_id=1,
         bos_token_id=1,
     )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # a fixed init without touching the caller's RNG stream
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config)
 
 
 def supervised_batch(tokenizer: Any, prompts: list[str], answers: list[str]) -> tuple[Tensor, Tensor, Tensor]:

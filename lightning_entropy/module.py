@@ -371,8 +371,8 @@ class RLVRModule(L.LightningModule):
         self.log("adv/pos_frac", a[4] / a[2].clamp_min(1), on_step=True)
         self.log("adv/seq_abs_mean", seq_adv.abs().mean(), on_step=True)
         for k, v in {**self.advantage_fn.metrics, **self.reward_fn.metrics, **self.sampler.metrics}.items():
-            self.log(f"adv/{k}" if k in self.advantage_fn.metrics else f"rollout/{k}", _reduce_stat(v, mask),
-                     on_step=True)
+            key = f"adv/{self.advantage_fn.registry_name}/{k}" if k in self.advantage_fn.metrics else f"rollout/{k}"
+            self.log(key, _reduce_stat(v, mask), on_step=True)
         for c in (self.advantage_fn, self.reward_fn, self.sampler, self.regularizer):
             c.metrics.clear()
         self.log("train/rl_step", float(self.rl_step), on_step=True)
@@ -399,10 +399,20 @@ class RLVRModule(L.LightningModule):
     # ---- validation ------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate_examples(self, examples: list[Any]) -> None:
-        """Greedy accuracy and pass@k (unbiased) on examples that have a reference answer."""
+        """Greedy accuracy and pass@k (unbiased) on examples that have a reference answer.
+
+        Sampling runs on a forked RNG seeded from (seed, step), so validation never shifts the
+        training stream and a resumed run draws exactly what an uninterrupted one draws.
+        """
         examples = [e for e in examples if e.answer is not None]
         if not examples:
             return
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed * 1_000_003 + self.rl_step)
+            self._evaluate(examples)
+
+    def _evaluate(self, examples: list[Any]) -> None:
         lg = self.cfg.logging
         prompts = [e.prompt for e in examples]
         refs = [e.answer for e in examples]
@@ -450,8 +460,7 @@ class RLVRModule(L.LightningModule):
         checkpoint["lightning_entropy"] = {
             "rl_step": self.rl_step,
             "components": {s: c.state_dict() for s, c in self._components().items()},
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": _rng_state(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
@@ -460,16 +469,33 @@ class RLVRModule(L.LightningModule):
         self.rl_step = int(state["rl_step"])
         for s, c in self._components().items():
             c.load_state_dict(state["components"].get(s, {}))
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_rng_state(state["rng"])
 
     def _components(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "reward": self.reward_fn, "advantage": self.advantage_fn,
                 "selector": self.selector, "loss": self.policy_loss, "regularizer": self.regularizer}
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG streams as tensors and plain Python values, so checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(py_state), gauss],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss = rng["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 TASK_REWARDS = {"arithmetic": "exact_match", "countdown": "countdown"}

@@ -70,6 +70,7 @@ class AlgoConfig:
     kl_coef: float = 0.0
     kl_type: str = "k3"  # k1 | k2 | k3 estimator of KL(pi || pi_ref)
     temperature: float | None = None  # training temperature; null = the sampler's
+    logits_from_hidden: bool = False  # training forward: log-probs/entropy from hidden states + LM head
     chunk_size: int = 256  # rows per chunk in log-prob/entropy ops (0.15 GiB fp32 at a 151k vocabulary)
 
 

@@ -131,15 +131,28 @@ class RLVRModule(L.LightningModule):
         return REWARDS.build(name, {}, key="logging.val_reward")
 
     # ---- forward passes --------------------------------------------------------------------
-    def _forward_logits(self, model: torch.nn.Module, b: RolloutBatch) -> Tensor:
-        """Next-token logits at the response positions [B, T, V] (raw, before temperature)."""
+    @staticmethod
+    def _inputs(b: RolloutBatch) -> dict[str, Tensor]:
         ids = torch.cat([b.prompt_ids, b.response_ids], 1)
         attn = torch.cat([b.prompt_mask, b.response_mask], 1)
         # left padding: positions count real tokens, exactly as generate() numbered them
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        return {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "use_cache": False}
+
+    def _forward_logits(self, model: torch.nn.Module, b: RolloutBatch) -> Tensor:
+        """Next-token logits at the response positions [B, T, V] (raw, before temperature)."""
         T = b.response_ids.shape[1]
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
-        return out.logits[:, :T]
+        return model(**self._inputs(b), logits_to_keep=T + 1).logits[:, :T]
+
+    def _forward_from_hidden(self, b: RolloutBatch, entropy_grad: bool) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropy straight from the last hidden states and the LM head, chunked, so
+        the [B, T, V] logits never exist (for large vocabularies)."""
+        T = b.response_ids.shape[1]
+        hidden = self.policy.get_decoder()(**self._inputs(b)).last_hidden_state[:, -T - 1 : -1]
+        head = self.policy.get_output_embeddings()
+        return ops.logprobs_and_entropy_from_hidden(
+            hidden, head.weight, b.response_ids, lm_head_bias=head.bias, temperature=self.temperature,
+            chunk_size=self.cfg.algo.chunk_size, entropy_grad=entropy_grad)
 
     def _micro_size(self, n: int) -> int:
         return self.cfg.algo.micro_batch_size or n
@@ -302,11 +315,15 @@ class RLVRModule(L.LightningModule):
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
     def _micro_loss(self, micro: RolloutBatch, step: int, scale: float) -> tuple[Tensor, dict[str, float]]:
-        logits = self._forward_logits(self.policy, micro)
         reg = self.regularizer
-        logprobs, entropy = ops.logprobs_and_entropy(
-            logits, micro.response_ids, temperature=self.temperature, chunk_size=self.cfg.algo.chunk_size,
-            entropy_grad=reg.needs_entropy_grad)
+        if self.cfg.algo.logits_from_hidden and not reg.needs_logits:
+            logits = None
+            logprobs, entropy = self._forward_from_hidden(micro, reg.needs_entropy_grad)
+        else:
+            logits = self._forward_logits(self.policy, micro)
+            logprobs, entropy = ops.logprobs_and_entropy(
+                logits, micro.response_ids, temperature=self.temperature, chunk_size=self.cfg.algo.chunk_size,
+                entropy_grad=reg.needs_entropy_grad)
         if self.selector.scope == "micro":
             # the official codes' per-micro-batch statistics: normalise within the micro-batch and
             # weight by its share of the mini-batch, like gradient accumulation in verl

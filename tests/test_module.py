@@ -135,3 +135,15 @@ def test_two_ranks_give_the_gradient_of_one(policy_dir, overrides):
         assert p.exitcode == 0
     for k, v in expected.items():
         assert torch.allclose(torch.from_numpy(got[k]), v, atol=1e-5, rtol=1e-4), k
+
+
+def test_hidden_state_path_gives_the_logits_path_gradient(policy_dir):
+    extra = ["regularizer.name=entropy_bonus", "regularizer.coef=0.05", "algo.chunk_size=7"]
+    a = make_module(policy_dir, *extra)
+    batch = make_rollout(a)
+    batch.old_logprobs = batch.old_logprobs + 0.3 * torch.randn_like(batch.old_logprobs) * batch.response_mask
+    g_logits = grads_for(a, batch)
+    b = make_module(policy_dir, *extra, "algo.logits_from_hidden=true")
+    g_hidden = grads_for(b, batch)
+    for k in g_logits:
+        assert torch.allclose(g_logits[k], g_hidden[k], atol=1e-5, rtol=1e-4), k

@@ -13,22 +13,32 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_entropy.config import ConfigError, import_user_modules, load_config, to_yaml, validate
 
-
 RUN_NAME_ENV = "LIGHTNING_ENTROPY_RUN_NAME"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lightning_entropy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("fit", "train with RL (default: the embedded tiny-policy run)"),
-                        ("validate", "evaluate a policy on the validation prompts")):
+    for name, help_ in (
+        ("fit", "train with RL (default: the embedded tiny-policy run)"),
+        ("validate", "evaluate a policy on the validation prompts"),
+    ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", "-c", help="YAML config merged over the embedded default")
-        s.add_argument("--import", dest="imports", action="append", default=[],
-                       help="python file or module registering user components (repeatable)")
-        s.add_argument("--resume", help="PATH/last.ckpt to continue a run exactly" if name == "fit" else
-                       "checkpoint to evaluate")
-        s.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. optim.lr=1e-4 loss.name=clip_cov")
+        s.add_argument(
+            "--import",
+            dest="imports",
+            action="append",
+            default=[],
+            help="python file or module registering user components (repeatable)",
+        )
+        s.add_argument(
+            "--resume",
+            help="PATH/last.ckpt to continue a run exactly" if name == "fit" else "checkpoint to evaluate",
+        )
+        s.add_argument(
+            "overrides", nargs="*", help="dot-list overrides, e.g. optim.lr=1e-4 loss.name=clip_cov"
+        )
     c = sub.add_parser("components", help="list every registered component and its hyperparameters")
     c.add_argument("--import", dest="imports", action="append", default=[])
     c.add_argument("family", nargs="?", help="only this family")
@@ -105,8 +115,10 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
     validate(cfg)
     if not ckpt and not validate_only and _env_rank() == 0:
         if run_dir.exists():
-            raise ConfigError(f"run directory {run_dir} already exists; never overwritten: choose another "
-                              "logging.name, or continue it with --resume {run_dir}/checkpoints/last.ckpt")
+            raise ConfigError(
+                f"run directory {run_dir} already exists; never overwritten: choose another "
+                "logging.name, or continue it with --resume {run_dir}/checkpoints/last.ckpt"
+            )
     # everything above is cheap; the model, data and trainer come only after the checks pass
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -118,8 +130,9 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
     is_rank0 = _env_rank() == 0
     if not validate_only and is_rank0:
         run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
-        (run_dir / ("config.yaml" if not ckpt else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-         ).write_text(to_yaml(cfg))
+        (
+            run_dir / ("config.yaml" if not ckpt else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        ).write_text(to_yaml(cfg))
     datamodule = build_datamodule(cfg)
     policy_path = prepare_policy(cfg, datamodule)
     # seeded after the (cached or fresh) tiny-policy build so both paths start the same stream
@@ -130,15 +143,31 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
     if cfg.logging.tensorboard:
         loggers.append(TensorBoardLogger(str(run_dir), name="tb"))
     per_step = module.updates_per_step
-    ckpt_cb = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="optstep{step}", save_last=True,
-                              every_n_train_steps=cfg.logging.ckpt_every * per_step, save_top_k=-1,
-                              auto_insert_metric_name=False)
+    ckpt_cb = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        filename="optstep{step}",
+        save_last=True,
+        every_n_train_steps=cfg.logging.ckpt_every * per_step,
+        save_top_k=-1,
+        auto_insert_metric_name=False,
+    )
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        precision=t.precision, max_steps=t.max_steps * per_step, deterministic=t.deterministic,
-        logger=loggers, callbacks=[ckpt_cb], val_check_interval=cfg.logging.val_every,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1,
-        enable_progress_bar=cfg.logging.progress, enable_model_summary=False, default_root_dir=str(run_dir),
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps * per_step,
+        deterministic=t.deterministic,
+        logger=loggers,
+        callbacks=[ckpt_cb],
+        val_check_interval=cfg.logging.val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        enable_progress_bar=cfg.logging.progress,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
         use_distributed_sampler=False,
     )
     if validate_only:
@@ -164,10 +193,21 @@ def prepare_policy(cfg: DictConfig, datamodule: Any) -> str:
     if not name.startswith(BUILTIN_PREFIX):
         return name
     tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True)
-    data_spec = {"task": cfg.data.task, "difficulty": cfg.data.difficulty,
-                 "options": OmegaConf.to_container(cfg.data.options, resolve=True), "seed": cfg.seed}
-    return str(ensure_builtin(name, tiny, data_spec, lambda: datamodule.warmstart_examples(tiny["warmstart_examples"]),
-                              progress=cfg.logging.progress))
+    data_spec = {
+        "task": cfg.data.task,
+        "difficulty": cfg.data.difficulty,
+        "options": OmegaConf.to_container(cfg.data.options, resolve=True),
+        "seed": cfg.seed,
+    }
+    return str(
+        ensure_builtin(
+            name,
+            tiny,
+            data_spec,
+            lambda: datamodule.warmstart_examples(tiny["warmstart_examples"]),
+            progress=cfg.logging.progress,
+        )
+    )
 
 
 def _env_rank() -> int:

@@ -122,7 +122,9 @@ class Config:
     imports: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "hf", "group_size": 8, "max_new_tokens": 8})
+    sampler: dict[str, Any] = field(
+        default_factory=lambda: {"name": "hf", "group_size": 8, "max_new_tokens": 8}
+    )
     reward: dict[str, Any] = _component("exact_match")
     advantage: dict[str, Any] = _component("grpo")
     selector: dict[str, Any] = _component("all")
@@ -135,7 +137,10 @@ class Config:
 
 
 COMPONENT_SECTIONS = ("sampler", "reward", "advantage", "selector", "loss", "regularizer")
-FRAMEWORK_KEYS = {"loss": ("name", "agg"), "sampler": ("name", "group_size")}  # keys of a component section that are not hyperparameters
+FRAMEWORK_KEYS = {
+    "loss": ("name", "agg"),
+    "sampler": ("name", "group_size"),
+}  # keys of a component section that are not hyperparameters
 
 
 def component_kwargs(section: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -143,8 +148,9 @@ def component_kwargs(section: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k not in skip}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                imports: list[str] | None = None) -> DictConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, imports: list[str] | None = None
+) -> DictConfig:
     """Default <- YAML file <- dot-list overrides, type-checked against the structured schema."""
     cfg = OmegaConf.structured(Config)
     layers = []
@@ -170,7 +176,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for section in COMPONENT_SECTIONS:
             new = layer.get(section) if isinstance(layer, DictConfig) else None
             if isinstance(new, DictConfig) and "name" in new and new["name"] != cfg[section].get("name"):
-                keep = {k: cfg[section][k] for k in FRAMEWORK_KEYS.get(section, ()) if k != "name" and k in cfg[section]}
+                keep = {
+                    k: cfg[section][k]
+                    for k in FRAMEWORK_KEYS.get(section, ())
+                    if k != "name" and k in cfg[section]
+                }
                 cfg[section] = {"name": new["name"], **keep}
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -233,19 +243,24 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     if group_size == 1 and cfg.advantage.name in GROUP_BASELINES:
         raise ConfigError(
             f"sampler.group_size=1 with advantage '{cfg.advantage.name}': a group baseline needs at least "
-            "2 responses per prompt (every advantage would be the raw reward or 0)")
+            "2 responses per prompt (every advantage would be the raw reward or 0)"
+        )
     if a.ppo_epochs < 1:
         raise ConfigError(f"algo.ppo_epochs: must be >= 1, got {a.ppo_epochs}")
     if a.kl_type not in ("k1", "k2", "k3"):
         raise ConfigError(f"algo.kl_type: '{a.kl_type}' is not one of k1, k2, k3")
     if d.prompts_per_step < 1 or d.prompts_per_step % ws:
-        raise ConfigError(f"data.prompts_per_step={d.prompts_per_step} must be a positive multiple of the "
-                          f"number of ranks ({ws})")
+        raise ConfigError(
+            f"data.prompts_per_step={d.prompts_per_step} must be a positive multiple of the "
+            f"number of ranks ({ws})"
+        )
     rollout = d.prompts_per_step * group_size
     mini = a.mini_batch_size or rollout
     if mini < 1 or rollout % mini:
-        raise ConfigError(f"algo.mini_batch_size={a.mini_batch_size} must divide the rollout size "
-                          f"data.prompts_per_step x sampler.group_size = {rollout}")
+        raise ConfigError(
+            f"algo.mini_batch_size={a.mini_batch_size} must divide the rollout size "
+            f"data.prompts_per_step x sampler.group_size = {rollout}"
+        )
     if mini % ws:
         raise ConfigError(f"algo.mini_batch_size={mini} must be divisible by the number of ranks ({ws})")
     if a.micro_batch_size is not None and a.micro_batch_size < 1:
@@ -263,8 +278,10 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         raise ConfigError(f"model.dtype: '{cfg.model.dtype}' is not one of float32, bfloat16, float16")
     lg = cfg.logging
     if any(k < 1 or k > lg.val_samples for k in lg.pass_k):
-        raise ConfigError(f"logging.pass_k={list(lg.pass_k)}: every k must be in [1, logging.val_samples="
-                          f"{lg.val_samples}] (the unbiased estimator needs n >= k)")
+        raise ConfigError(
+            f"logging.pass_k={list(lg.pass_k)}: every k must be in [1, logging.val_samples="
+            f"{lg.val_samples}] (the unbiased estimator needs n >= k)"
+        )
     if lg.val_every < 1 or lg.ckpt_every < 1:
         raise ConfigError("logging.val_every and logging.ckpt_every must be >= 1")
     _validate_data(cfg)
@@ -273,14 +290,32 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
 
 
 # estimators whose baseline compares responses to the same prompt (degenerate with one per group)
-GROUP_BASELINES = {"grpo", "dr_grpo", "rloo", "qae", "canon", "mapo", "hapo_token", "passk", "opo", "gtpo",
-                   "grpo_s", "ucas", "riskpo", "aapo", "reinforce_pp_baseline"}
+GROUP_BASELINES = {
+    "grpo",
+    "dr_grpo",
+    "rloo",
+    "qae",
+    "canon",
+    "mapo",
+    "hapo_token",
+    "passk",
+    "opo",
+    "gtpo",
+    "grpo_s",
+    "ucas",
+    "riskpo",
+    "aapo",
+    "reinforce_pp_baseline",
+}
 
 
 def _world_size(t: Any) -> int:
     devices = t.devices
-    n = devices if isinstance(devices, int) and devices > 0 else (
-        len(devices) if isinstance(devices, (list, tuple)) else 1)
+    n = (
+        devices
+        if isinstance(devices, int) and devices > 0
+        else (len(devices) if isinstance(devices, (list, tuple)) else 1)
+    )
     return max(1, n) * max(1, t.num_nodes)
 
 
@@ -293,7 +328,11 @@ def _validate_data(cfg: DictConfig) -> None:
     if d.path is not None:
         if not str(d.path).startswith("hf:") and not Path(d.path).is_file():
             raise ConfigError(f"data.path: file not found: {d.path}")
-        if d.val_path is not None and not str(d.val_path).startswith("hf:") and not Path(d.val_path).is_file():
+        if (
+            d.val_path is not None
+            and not str(d.val_path).startswith("hf:")
+            and not Path(d.val_path).is_file()
+        ):
             raise ConfigError(f"data.val_path: file not found: {d.val_path}")
     elif d.task not in data_mod.TASKS:
         raise ConfigError(f"data.task: unknown task '{d.task}'; built-in tasks: {', '.join(data_mod.TASKS)}")
@@ -306,10 +345,12 @@ def _validate_model(cfg: DictConfig) -> None:
 
     name = cfg.model.name_or_path
     if name.startswith(BUILTIN_PREFIX):
-        if name[len(BUILTIN_PREFIX):] not in BUILTIN_NAMES:
+        if name[len(BUILTIN_PREFIX) :] not in BUILTIN_NAMES:
             raise ConfigError(f"model.name_or_path: unknown built-in '{name}'")
         if cfg.data.task is None:
-            raise ConfigError("model.name_or_path=builtin:tiny is warm-started on a built-in task: set data.task")
+            raise ConfigError(
+                "model.name_or_path=builtin:tiny is warm-started on a built-in task: set data.task"
+            )
     elif Path(name).exists() and not (Path(name) / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {name} exists but has no config.json (not a HF checkpoint)")
 

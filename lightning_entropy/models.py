@@ -43,8 +43,16 @@ def build_char_tokenizer() -> Any:
     )
 
 
-def build_tiny_model(vocab_size: int, *, hidden_size: int, num_layers: int, num_heads: int,
-                     intermediate_size: int, max_positions: int, seed: int) -> torch.nn.Module:
+def build_tiny_model(
+    vocab_size: int,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_positions: int,
+    seed: int,
+) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -85,8 +93,17 @@ def supervised_batch(tokenizer: Any, prompts: list[str], answers: list[str]) -> 
     return ids, mask, labels
 
 
-def warm_start(model: torch.nn.Module, tokenizer: Any, examples: list[Any], *, steps: int, lr: float,
-               batch_size: int, seed: int, progress: bool = True) -> list[float]:
+def warm_start(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[Any],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
+) -> list[float]:
     """Supervised next-token training on (prompt, answer) pairs; returns the loss curve."""
     from tqdm.auto import tqdm
 
@@ -129,9 +146,11 @@ def ensure_builtin(
     """Path of the cached warm-started tiny policy; builds it the first time (under a file lock)."""
     from filelock import FileLock
 
-    if name[len(BUILTIN_PREFIX):] not in BUILTIN_NAMES:
-        raise ValueError(f"model.name_or_path: unknown built-in '{name}'; built-ins: "
-                         + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES))
+    if name[len(BUILTIN_PREFIX) :] not in BUILTIN_NAMES:
+        raise ValueError(
+            f"model.name_or_path: unknown built-in '{name}'; built-ins: "
+            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
+        )
     spec = builtin_spec(tiny, data)
     key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = cache_dir() / f"tiny-{key}"
@@ -152,19 +171,35 @@ def ensure_builtin(
             seed=tiny["seed"],
         )
         losses = warm_start(
-            model, tokenizer, make_examples(), steps=tiny["warmstart_steps"], lr=tiny["warmstart_lr"],
-            batch_size=tiny["warmstart_batch_size"], seed=tiny["seed"], progress=progress,
+            model,
+            tokenizer,
+            make_examples(),
+            steps=tiny["warmstart_steps"],
+            lr=tiny["warmstart_lr"],
+            batch_size=tiny["warmstart_batch_size"],
+            seed=tiny["seed"],
+            progress=progress,
         )
         tmp = path.with_name(path.name + ".tmp")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "warmstart.json").write_text(json.dumps(
-            {"spec": spec, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-             "seconds": time.time() - start, "params": sum(p.numel() for p in model.parameters())},
-            indent=2, default=str))
+        (tmp / "warmstart.json").write_text(
+            json.dumps(
+                {
+                    "spec": spec,
+                    "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                    "seconds": time.time() - start,
+                    "params": sum(p.numel() for p in model.parameters()),
+                },
+                indent=2,
+                default=str,
+            )
+        )
         os.replace(tmp, path)
-        log(f"Tiny policy ready in {time.time() - start:.0f}s (final warm-start loss "
-            f"{sum(losses[-20:]) / max(1, len(losses[-20:])):.3f})")
+        log(
+            f"Tiny policy ready in {time.time() - start:.0f}s (final warm-start loss "
+            f"{sum(losses[-20:]) / max(1, len(losses[-20:])):.3f})"
+        )
     return path
 
 
@@ -178,7 +213,9 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
-def load_policy(path: str | Path, *, dtype: str = "float32", gradient_checkpointing: bool = False) -> torch.nn.Module:
+def load_policy(
+    path: str | Path, *, dtype: str = "float32", gradient_checkpointing: bool = False
+) -> torch.nn.Module:
     """A causal LM via ``from_pretrained`` (local path, or hub id where the user has network)."""
     from transformers import AutoModelForCausalLM
 

@@ -66,8 +66,11 @@ class RLVRModule(L.LightningModule):
         self.val_reward_fn = self._val_reward()
         self.group_size = int(cfg.sampler.get("group_size", 1))
         self.agg_mode = self.policy_loss.agg_override or cfg.loss.get("agg", "token-mean")
-        self.temperature = cfg.algo.temperature if cfg.algo.temperature is not None else float(
-            getattr(self.sampler, "temperature", 1.0) or 1.0)
+        self.temperature = (
+            cfg.algo.temperature
+            if cfg.algo.temperature is not None
+            else float(getattr(self.sampler, "temperature", 1.0) or 1.0)
+        )
         self.max_new_tokens = int(getattr(self.sampler, "max_new_tokens", 0) or 0)
         self.tokenizer = load_tokenizer(self.policy_path)
         self.policy: torch.nn.Module | None = None
@@ -75,10 +78,15 @@ class RLVRModule(L.LightningModule):
         self.rl_step = 0
         self._needs = set().union(*(c.requires for c in comps.values()))
         self._warned_on_policy = False
-        self.train_metrics = torch.nn.ModuleDict({
-            "entropy": M.TokenMean(), "entropy_selected": M.TokenMean(), "entropy_q": M.TokenQuantiles(),
-            "cov_logp_adv": M.Covariance(), "zero_var_groups": M.ZeroVarianceGroups(),
-        })
+        self.train_metrics = torch.nn.ModuleDict(
+            {
+                "entropy": M.TokenMean(),
+                "entropy_selected": M.TokenMean(),
+                "entropy_q": M.TokenQuantiles(),
+                "cov_logp_adv": M.Covariance(),
+                "zero_var_groups": M.ZeroVarianceGroups(),
+            }
+        )
         self.val_acc = M.TokenMean()
         self.val_passk = M.PassAtK(ks=list(cfg.logging.pass_k))
 
@@ -91,7 +99,9 @@ class RLVRModule(L.LightningModule):
         if self.policy is not None:
             return
         m = self.cfg.model
-        self.policy = load_policy(self.policy_path, dtype=m.dtype, gradient_checkpointing=m.gradient_checkpointing)
+        self.policy = load_policy(
+            self.policy_path, dtype=m.dtype, gradient_checkpointing=m.gradient_checkpointing
+        )
         self.policy.train()  # from_pretrained returns eval mode; log-prob passes switch to eval themselves
         if self.uses_ref:
             self.ref_policy = load_policy(self.policy_path, dtype=m.dtype)
@@ -106,7 +116,9 @@ class RLVRModule(L.LightningModule):
             cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
             opt = cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         total = self.cfg.trainer.max_steps * self.updates_per_step
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, o.warmup_steps, total, o.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(o.schedule, o.warmup_steps, total, o.min_lr_ratio)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @property
@@ -125,7 +137,9 @@ class RLVRModule(L.LightningModule):
         from lightning_entropy.registry import REWARDS
 
         name = self.cfg.logging.get("val_reward") or None
-        if name is None and not (self.reward_fn.needs_policy_stats or getattr(self.reward_fn, "unsupervised", False)):
+        if name is None and not (
+            self.reward_fn.needs_policy_stats or getattr(self.reward_fn, "unsupervised", False)
+        ):
             return self.reward_fn
         name = name or TASK_REWARDS.get(self.cfg.data.task, "math_verify")
         return REWARDS.build(name, {}, key="logging.val_reward")
@@ -151,8 +165,14 @@ class RLVRModule(L.LightningModule):
         hidden = self.policy.get_decoder()(**self._inputs(b)).last_hidden_state[:, -T - 1 : -1]
         head = self.policy.get_output_embeddings()
         return ops.logprobs_and_entropy_from_hidden(
-            hidden, head.weight, b.response_ids, lm_head_bias=head.bias, temperature=self.temperature,
-            chunk_size=self.cfg.algo.chunk_size, entropy_grad=entropy_grad)
+            hidden,
+            head.weight,
+            b.response_ids,
+            lm_head_bias=head.bias,
+            temperature=self.temperature,
+            chunk_size=self.cfg.algo.chunk_size,
+            entropy_grad=entropy_grad,
+        )
 
     def _micro_size(self, n: int) -> int:
         return self.cfg.algo.micro_batch_size or n
@@ -165,19 +185,25 @@ class RLVRModule(L.LightningModule):
         lp, ent, sc, sl, ref = [], [], [], [], []
         for mb in batch.split(self._micro_size(batch.size)):
             logits = self._forward_logits(self.policy, mb)
-            a, h = ops.logprobs_and_entropy(logits, mb.response_ids, temperature=self.temperature,
-                                            chunk_size=self.cfg.algo.chunk_size)
+            a, h = ops.logprobs_and_entropy(
+                logits, mb.response_ids, temperature=self.temperature, chunk_size=self.cfg.algo.chunk_size
+            )
             lp.append(a)
             ent.append(h)
             if self._needs & {"self_certainty", "sampled_logits"}:
-                c, z = ops.self_certainty_and_token_logit(logits, mb.response_ids, temperature=self.temperature,
-                                                          chunk_size=self.cfg.algo.chunk_size)
+                c, z = ops.self_certainty_and_token_logit(
+                    logits, mb.response_ids, temperature=self.temperature, chunk_size=self.cfg.algo.chunk_size
+                )
                 sc.append(c)
                 sl.append(z)
             if self.uses_ref:
-                rl, _ = ops.logprobs_and_entropy(self._forward_logits(self.ref_policy, mb), mb.response_ids,
-                                                 temperature=self.temperature, compute_entropy=False,
-                                                 chunk_size=self.cfg.algo.chunk_size)
+                rl, _ = ops.logprobs_and_entropy(
+                    self._forward_logits(self.ref_policy, mb),
+                    mb.response_ids,
+                    temperature=self.temperature,
+                    compute_entropy=False,
+                    chunk_size=self.cfg.algo.chunk_size,
+                )
                 ref.append(rl)
         self.policy.train(was)
         mask = batch.response_mask.float()
@@ -198,7 +224,9 @@ class RLVRModule(L.LightningModule):
         for i, extra in enumerate(infos):
             batch.info[i].update(extra, reference=references[i])
 
-    def rollout(self, examples: list[Any], group_offset: int, temperature: float | None = None) -> RolloutBatch:
+    def rollout(
+        self, examples: list[Any], group_offset: int, temperature: float | None = None
+    ) -> RolloutBatch:
         prompts = [e.prompt for e in examples]
         kw = {} if temperature is None else {"temperature": temperature}
         batch = self.sampler.generate(self.policy, self.tokenizer, prompts, self.group_size, **kw)
@@ -220,8 +248,9 @@ class RLVRModule(L.LightningModule):
         def resample(rows: list[int], temperature: float) -> RolloutBatch:
             picked = [examples[(batch.group_ids[r].item() - offset)] for r in rows]
             out = self.rollout(picked, 0, temperature=temperature)
-            out.group_ids = batch.group_ids[torch.tensor(rows, device=out.group_ids.device)].repeat_interleave(
-                self.group_size)
+            out.group_ids = batch.group_ids[
+                torch.tensor(rows, device=out.group_ids.device)
+            ].repeat_interleave(self.group_size)
             return out
 
         batch = self.regularizer.modify_rollout(batch, resample)
@@ -236,15 +265,23 @@ class RLVRModule(L.LightningModule):
         batch.advantages = self.advantage_fn(batch) * batch.response_mask
         overrides = [i.get("advantage_override") for i in batch.info]
         if any(o is not None for o in overrides):
-            rows = torch.tensor([k for k, o in enumerate(overrides) if o is not None], device=batch.rewards.device)
+            rows = torch.tensor(
+                [k for k, o in enumerate(overrides) if o is not None], device=batch.rewards.device
+            )
             vals = torch.tensor([o for o in overrides if o is not None], device=batch.rewards.device)
             batch.advantages[rows] = vals.unsqueeze(-1) * batch.response_mask[rows]
         self._log_rollout(batch)
         self._update(batch, step)
         self.rl_step += 1
         summary = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
-        for comp in (self.sampler, self.reward_fn, self.advantage_fn, self.selector, self.policy_loss,
-                     self.regularizer):
+        for comp in (
+            self.sampler,
+            self.reward_fn,
+            self.advantage_fn,
+            self.selector,
+            self.policy_loss,
+            self.regularizer,
+        ):
             comp.end_step(summary)
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and hasattr(dm, "mark_consumed"):
@@ -262,17 +299,18 @@ class RLVRModule(L.LightningModule):
         if self.cfg.algo.shuffle_minibatches:
             g = torch.Generator().manual_seed(self.cfg.seed * 100003 + self.rl_step)
             order = torch.randperm(batch.size, generator=g).tolist()
-        return [batch.index(order[i:i + per_rank]) for i in range(0, batch.size, per_rank)]
+        return [batch.index(order[i : i + per_rank]) for i in range(0, batch.size, per_rank)]
 
     def _update(self, batch: RolloutBatch, step: int) -> None:
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        if (self.policy_loss.ratio_dependent and self.updates_per_step == 1 and not self._warned_on_policy):
+        if self.policy_loss.ratio_dependent and self.updates_per_step == 1 and not self._warned_on_policy:
             warnings.warn(
                 f"loss '{self.policy_loss.registry_name}' acts through the importance ratio, but every update "
                 "is on-policy (algo.ppo_epochs=1, one mini-batch): the ratio is 1 and clipping does nothing. "
                 "Set algo.mini_batch_size or algo.ppo_epochs to make it bite (clip fractions are logged).",
-                stacklevel=2)
+                stacklevel=2,
+            )
             self._warned_on_policy = True
         sums: dict[str, list[float]] = {}
         for _ in range(self.cfg.algo.ppo_epochs):
@@ -322,12 +360,18 @@ class RLVRModule(L.LightningModule):
         else:
             logits = self._forward_logits(self.policy, micro)
             logprobs, entropy = ops.logprobs_and_entropy(
-                logits, micro.response_ids, temperature=self.temperature, chunk_size=self.cfg.algo.chunk_size,
-                entropy_grad=reg.needs_entropy_grad)
+                logits,
+                micro.response_ids,
+                temperature=self.temperature,
+                chunk_size=self.cfg.algo.chunk_size,
+                entropy_grad=reg.needs_entropy_grad,
+            )
         if self.selector.scope == "micro":
             # the official codes' per-micro-batch statistics: normalise within the micro-batch and
             # weight by its share of the mini-batch, like gradient accumulation in verl
-            micro.token_weights = self.selector.micro(micro, entropy.detach()).to(torch.float32) * micro.response_mask
+            micro.token_weights = (
+                self.selector.micro(micro, entropy.detach()).to(torch.float32) * micro.response_mask
+            )
             micro.agg_norm = make_agg_norm([micro], self.agg_mode, const=micro.agg_norm.const)
             micro.agg_norm.tokens = {k: v / scale for k, v in micro.agg_norm.tokens.items()}
             micro.agg_norm.seqs = {k: v / scale for k, v in micro.agg_norm.seqs.items()}
@@ -336,7 +380,10 @@ class RLVRModule(L.LightningModule):
         view = logits / self.temperature if reg.needs_logits else None
         reg_loss, rstats = reg(view, logprobs, entropy, micro, step)
         total = pg + reg_loss
-        stats: dict[str, float] = {"train/pg_loss": pg.item() / scale, "train/reg_loss": reg_loss.item() / scale}
+        stats: dict[str, float] = {
+            "train/pg_loss": pg.item() / scale,
+            "train/reg_loss": reg_loss.item() / scale,
+        }
         if self.cfg.algo.kl_coef > 0:
             kl = micro.agg(kl_penalty(logprobs, micro.ref_logprobs, self.cfg.algo.kl_type), kind="response")
             total = total + self.cfg.algo.kl_coef * kl
@@ -345,8 +392,10 @@ class RLVRModule(L.LightningModule):
             mask = micro.response_mask.float()
             approx = kl_penalty(micro.old_logprobs, logprobs.detach(), "k3")
             stats["train/approx_kl"] = float(masked_mean(approx, mask))
-            for prefix, src in (("loss", {**lstats, **self.policy_loss.metrics}),
-                                ("regularizer", {**rstats, **reg.metrics})):
+            for prefix, src in (
+                ("loss", {**lstats, **self.policy_loss.metrics}),
+                ("regularizer", {**rstats, **reg.metrics}),
+            ):
                 for k, v in src.items():
                     stats[f"{prefix}/{k}"] = _reduce_stat(v, mask)
         self.policy_loss.metrics.clear()
@@ -370,25 +419,41 @@ class RLVRModule(L.LightningModule):
         tm["entropy_q"].reset()
         r = batch.rewards.float()
         n = torch.tensor([float(r.numel())], device=r.device)
-        s = self._gsum(torch.stack([r.sum(), (r * r).sum(), n[0], batch.lengths.float().sum(),
-                                    batch.truncated.float().sum()]))
+        s = self._gsum(
+            torch.stack(
+                [r.sum(), (r * r).sum(), n[0], batch.lengths.float().sum(), batch.truncated.float().sum()]
+            )
+        )
         mean = s[0] / s[2]
         self.log("train/reward", mean, on_step=True, prog_bar=True)
-        self.log("train/reward_std", (s[1] / s[2] - mean ** 2).clamp_min(0).sqrt(), on_step=True)
+        self.log("train/reward_std", (s[1] / s[2] - mean**2).clamp_min(0).sqrt(), on_step=True)
         self.log("train/response_len", s[3] / s[2], on_step=True)
         self.log("train/truncated_frac", s[4] / s[2], on_step=True)
         adv = batch.advantages
         seq_adv = (adv * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        a = self._gsum(torch.stack([masked_sum_(adv, mask), masked_sum_(adv * adv, mask), mask.sum(),
-                                    masked_sum_((adv == 0).float(), mask), masked_sum_((adv > 0).float(), mask)]))
+        a = self._gsum(
+            torch.stack(
+                [
+                    masked_sum_(adv, mask),
+                    masked_sum_(adv * adv, mask),
+                    mask.sum(),
+                    masked_sum_((adv == 0).float(), mask),
+                    masked_sum_((adv > 0).float(), mask),
+                ]
+            )
+        )
         amean = a[0] / a[2].clamp_min(1)
         self.log("adv/mean", amean, on_step=True)
-        self.log("adv/std", (a[1] / a[2].clamp_min(1) - amean ** 2).clamp_min(0).sqrt(), on_step=True)
+        self.log("adv/std", (a[1] / a[2].clamp_min(1) - amean**2).clamp_min(0).sqrt(), on_step=True)
         self.log("adv/zero_frac", a[3] / a[2].clamp_min(1), on_step=True)
         self.log("adv/pos_frac", a[4] / a[2].clamp_min(1), on_step=True)
         self.log("adv/seq_abs_mean", seq_adv.abs().mean(), on_step=True)
         for k, v in {**self.advantage_fn.metrics, **self.reward_fn.metrics, **self.sampler.metrics}.items():
-            key = f"adv/{self.advantage_fn.registry_name}/{k}" if k in self.advantage_fn.metrics else f"rollout/{k}"
+            key = (
+                f"adv/{self.advantage_fn.registry_name}/{k}"
+                if k in self.advantage_fn.metrics
+                else f"rollout/{k}"
+            )
             self.log(key, _reduce_stat(v, mask), on_step=True)
         for c in (self.advantage_fn, self.reward_fn, self.sampler, self.regularizer):
             c.metrics.clear()
@@ -435,14 +500,20 @@ class RLVRModule(L.LightningModule):
         refs = [e.answer for e in examples]
         greedy = self.sampler.generate(self.policy, self.tokenizer, prompts, 1, temperature=0.0)
         self.score(greedy, refs, self.val_reward_fn)
-        correct = torch.tensor([bool(i.get("correct", r > 0)) for i, r in zip(greedy.info, greedy.rewards)],
-                               dtype=torch.float32, device=greedy.rewards.device)
+        correct = torch.tensor(
+            [bool(i.get("correct", r > 0)) for i, r in zip(greedy.info, greedy.rewards)],
+            dtype=torch.float32,
+            device=greedy.rewards.device,
+        )
         self.val_acc.update(correct, torch.ones_like(correct))
-        sampled = self.sampler.generate(self.policy, self.tokenizer, prompts, lg.val_samples,
-                                        temperature=lg.val_temperature)
+        sampled = self.sampler.generate(
+            self.policy, self.tokenizer, prompts, lg.val_samples, temperature=lg.val_temperature
+        )
         self.score(sampled, [refs[i // lg.val_samples] for i in range(sampled.size)], self.val_reward_fn)
-        ok = torch.tensor([bool(i.get("correct", r > 0)) for i, r in zip(sampled.info, sampled.rewards)],
-                          device=sampled.rewards.device)
+        ok = torch.tensor(
+            [bool(i.get("correct", r > 0)) for i, r in zip(sampled.info, sampled.rewards)],
+            device=sampled.rewards.device,
+        )
         self.val_passk.update(ok, sampled.group_ids)
 
     def validation_step(self, data: dict[str, Any], batch_idx: int) -> None:
@@ -489,8 +560,14 @@ class RLVRModule(L.LightningModule):
         _set_rng_state(state["rng"])
 
     def _components(self) -> dict[str, Any]:
-        return {"sampler": self.sampler, "reward": self.reward_fn, "advantage": self.advantage_fn,
-                "selector": self.selector, "loss": self.policy_loss, "regularizer": self.regularizer}
+        return {
+            "sampler": self.sampler,
+            "reward": self.reward_fn,
+            "advantage": self.advantage_fn,
+            "selector": self.selector,
+            "loss": self.policy_loss,
+            "regularizer": self.regularizer,
+        }
 
 
 def _rng_state() -> dict[str, Any]:

@@ -95,8 +95,7 @@ class Registry:
                 listing = ", ".join(f"{p.name}={p.default!r}" for p in accepted.values()) or "none"
                 where = f"{key}.{k}" if key else k
                 raise RegistryError(
-                    f"unknown hyperparameter '{where}' for {self.family} '{name}'.{hint} "
-                    f"Accepted: {listing}"
+                    f"unknown hyperparameter '{where}' for {self.family} '{name}'.{hint} Accepted: {listing}"
                 )
 
     def build(self, name: str, kwargs: dict[str, Any] | None = None, key: str | None = None) -> Any:

@@ -20,9 +20,19 @@ def tiny_cache(tmp_path_factory):
 
 # a 2-layer, 32-wide policy with a 30-step warm-start: seconds, not minutes
 TINY = [
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
-    "model.tiny.intermediate_size=64", "model.tiny.warmstart_steps=30", "model.tiny.warmstart_examples=500",
-    "data.train_size=200", "data.val_size=8", "data.prompts_per_step=4", "sampler.group_size=4",
-    "logging.val_every=2", "logging.val_samples=4", "logging.pass_k=[1,4]", "logging.progress=false",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+    "model.tiny.warmstart_steps=30",
+    "model.tiny.warmstart_examples=500",
+    "data.train_size=200",
+    "data.val_size=8",
+    "data.prompts_per_step=4",
+    "sampler.group_size=4",
+    "logging.val_every=2",
+    "logging.val_samples=4",
+    "logging.pass_k=[1,4]",
+    "logging.progress=false",
     "logging.plot=false",
 ]

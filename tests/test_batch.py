@@ -9,9 +9,13 @@ def _batch(B=6, T=5, seed=0):
     lengths = torch.tensor([5, 3, 1, 4, 0, 2])[:B]
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
     return RolloutBatch(
-        prompt_ids=torch.ones(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
-        response_ids=torch.randint(3, 20, (B, T), generator=g) * mask, response_mask=mask,
-        group_ids=torch.arange(B) // 2, truncated=lengths == T, rewards=torch.rand(B, generator=g),
+        prompt_ids=torch.ones(B, 2, dtype=torch.long),
+        prompt_mask=torch.ones(B, 2, dtype=torch.long),
+        response_ids=torch.randint(3, 20, (B, T), generator=g) * mask,
+        response_mask=mask,
+        group_ids=torch.arange(B) // 2,
+        truncated=lengths == T,
+        rewards=torch.rand(B, generator=g),
         token_weights=(torch.rand(B, T, generator=g) > 0.3).float() * mask,
         info=[{"i": i} for i in range(B)],
     )

@@ -40,7 +40,9 @@ def test_overrides_and_component_swap_drops_old_hyperparameters(tmp_path):
 
 def test_unknown_component_name_names_key_and_closest(tmp_path):
     cfg = load_config(None, ["advantage.name=grpoo"])
-    with pytest.raises(ConfigError, match=r"unknown advantage 'grpoo'.*config key 'advantage'.*did you mean 'grpo'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown advantage 'grpoo'.*config key 'advantage'.*did you mean 'grpo'"
+    ):
         validate(cfg)
 
 
@@ -70,7 +72,10 @@ def test_wrong_type_names_key(tmp_path):
         (["data.path=/nonexistent/prompts.jsonl"], "data.path: file not found: /nonexistent/prompts.jsonl"),
         (["loss.agg=token-sum"], "loss.agg: 'token-sum'"),
         (["logging.pass_k=[16]"], "pass_k"),
-        (["data.prompts_per_step=3", "trainer.devices=2", "trainer.strategy=ddp"], "multiple of the number of ranks"),
+        (
+            ["data.prompts_per_step=3", "trainer.devices=2", "trainer.strategy=ddp"],
+            "multiple of the number of ranks",
+        ),
         (["data.task=sudoku"], "unknown task 'sudoku'"),
         (["model.dtype=fp8"], "model.dtype"),
     ],
@@ -98,7 +103,8 @@ def test_existing_run_dir_is_never_overwritten(tmp_path, capsys):
 
 def test_user_component_import_registers(tmp_path):
     f = tmp_path / "my_comp.py"
-    f.write_text(textwrap.dedent('''
+    f.write_text(
+        textwrap.dedent('''
         from lightning_entropy import register
         from lightning_entropy.components.base import AdvantageEstimator
 
@@ -109,7 +115,8 @@ def test_user_component_import_registers(tmp_path):
                 self.c = c
             def __call__(self, batch):
                 return batch.response_mask.float() * self.c
-    '''))
+    ''')
+    )
     import_user_modules([str(f)])
     cfg = load_config(None, ["advantage.name=my_constant_test", "advantage.c=2.0"])
     assert validate(cfg)["advantage"].c == 2.0

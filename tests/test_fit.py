@@ -15,8 +15,12 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem != "defa
 
 
 def fit(tmp_path, name, *extra, config=None):
-    args = ["fit"] + (["--config", str(config)] if config else []) + TINY + [
-        f"logging.root={tmp_path}", f"logging.name={name}", *extra]
+    args = (
+        ["fit"]
+        + (["--config", str(config)] if config else [])
+        + TINY
+        + [f"logging.root={tmp_path}", f"logging.name={name}", *extra]
+    )
     assert main(args) == 0
     return tmp_path / name
 
@@ -30,15 +34,31 @@ def test_default_fit_writes_config_metrics_checkpoint_and_plot(tmp_path, tiny_ca
     steps = [s for s, _ in series["train/reward"]]
     assert steps == [0, 1, 2]
     assert [s for s, _ in series["val/acc"]][0] == 0  # the step-0 baseline
-    for key in ("train/entropy", "train/entropy_p90", "train/cov_logp_adv", "train/zero_var_groups",
-                "loss/clip_low_frac", "train/approx_kl", "adv/zero_frac", "val/pass@4", "train/truncated_frac"):
+    for key in (
+        "train/entropy",
+        "train/entropy_p90",
+        "train/cov_logp_adv",
+        "train/zero_var_groups",
+        "loss/clip_low_frac",
+        "train/approx_kl",
+        "adv/zero_frac",
+        "val/pass@4",
+        "train/truncated_frac",
+    ):
         assert key in series, key
 
 
 def test_resume_continues_exactly(tmp_path, tiny_cache):
     # the entropy bonus gives a gradient even while the tiny test policy earns no reward
-    common = ["regularizer.name=entropy_bonus", "regularizer.coef=0.1", "logging.ckpt_every=2", "algo.mini_batch_size=8", "algo.ppo_epochs=2", "optim.warmup_steps=3",
-              "optim.schedule=constant"]  # a decay would depend on max_steps
+    common = [
+        "regularizer.name=entropy_bonus",
+        "regularizer.coef=0.1",
+        "logging.ckpt_every=2",
+        "algo.mini_batch_size=8",
+        "algo.ppo_epochs=2",
+        "optim.warmup_steps=3",
+        "optim.schedule=constant",
+    ]  # a decay would depend on max_steps
     straight = fit(tmp_path, "straight", "trainer.max_steps=4", *common)
     first = fit(tmp_path, "resumed", "trainer.max_steps=2", *common)
     assert main(["fit", "--resume", str(first / "checkpoints" / "last.ckpt"), "trainer.max_steps=4"]) == 0
@@ -55,7 +75,9 @@ def test_resume_continues_exactly(tmp_path, tiny_cache):
     for key in ("train/entropy", "train/pg_loss", "val/acc"):
         assert [s for s, _ in sa[key]] == [s for s, _ in sb[key]], key
         assert [v for _, v in sa[key]] == pytest.approx([v for _, v in sb[key]], abs=1e-6), key
-    assert a["optimizer_states"][0]["state"][0]["exp_avg"].equal(b["optimizer_states"][0]["state"][0]["exp_avg"])
+    assert a["optimizer_states"][0]["state"][0]["exp_avg"].equal(
+        b["optimizer_states"][0]["state"][0]["exp_avg"]
+    )
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
@@ -72,8 +94,18 @@ def test_ddp_two_cpu_processes_fit(tmp_path, tiny_cache):
 
     env = {**os.environ, "LIGHTNING_ENTROPY_CACHE": str(tiny_cache)}
     env.pop("LIGHTNING_ENTROPY_RUN_NAME", None)
-    cmd = [sys.executable, "-m", "lightning_entropy", "fit", *TINY, f"logging.root={tmp_path}",
-           "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=2", "logging.ckpt_every=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_entropy",
+        "fit",
+        *TINY,
+        f"logging.root={tmp_path}",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=2",
+        "logging.ckpt_every=1",
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = list(tmp_path.iterdir())

@@ -5,8 +5,9 @@ from lightning_entropy.models import build_char_tokenizer, build_tiny_model, loa
 
 
 def tiny(tok, seed=0):
-    return build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                            max_positions=64, seed=seed)
+    return build_tiny_model(
+        len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=64, seed=seed
+    )
 
 
 def test_char_tokenizer_roundtrip_and_save_load(tmp_path):

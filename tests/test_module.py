@@ -17,15 +17,17 @@ from lightning_entropy.module import RLVRModule, kl_penalty
 def policy_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("policy")
     tok = build_char_tokenizer()
-    build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                     max_positions=64, seed=0).save_pretrained(path)
+    build_tiny_model(
+        len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=64, seed=0
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
 
 def make_module(policy_dir, *overrides):
-    cfg = load_config(None, ["sampler.group_size=4", "data.prompts_per_step=4", "sampler.max_new_tokens=6",
-                             *overrides])
+    cfg = load_config(
+        None, ["sampler.group_size=4", "data.prompts_per_step=4", "sampler.max_new_tokens=6", *overrides]
+    )
     m = RLVRModule(cfg, policy_dir)
     m.configure_model()
     return m
@@ -49,8 +51,9 @@ def grads_for(m, batch):
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-@pytest.mark.parametrize("extra", [[], ["regularizer.name=entropy_bonus", "regularizer.coef=0.01"],
-                                   ["algo.kl_coef=0.1"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["regularizer.name=entropy_bonus", "regularizer.coef=0.01"], ["algo.kl_coef=0.1"]]
+)
 def test_micro_batches_do_not_change_the_gradient(policy_dir, agg, extra):
     whole = make_module(policy_dir, f"loss.agg={agg}", *extra)
     batch = make_rollout(whole)
@@ -111,11 +114,15 @@ def _ddp_worker(rank, world, port, policy_dir, overrides, batch, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("overrides", [
-    ["loss.agg=token-mean"],
-    ["loss.agg=seq-mean-token-mean", "advantage.name=rloo"],
-    ["loss.agg=token-mean", "selector.name=high_entropy", "loss.name=clip_cov"],
-], ids=["token-mean", "seq-mean", "80-20+clip_cov"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.agg=token-mean"],
+        ["loss.agg=seq-mean-token-mean", "advantage.name=rloo"],
+        ["loss.agg=token-mean", "selector.name=high_entropy", "loss.name=clip_cov"],
+    ],
+    ids=["token-mean", "seq-mean", "80-20+clip_cov"],
+)
 def test_two_ranks_give_the_gradient_of_one(policy_dir, overrides):
     single = make_module(policy_dir, *overrides)
     batch = make_rollout(single)
@@ -123,10 +130,18 @@ def test_two_ranks_give_the_gradient_of_one(policy_dir, overrides):
     expected = grads_for(single, batch)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, _free_port() if r == 0 else None, policy_dir, overrides,
-                                                     batch, out)) for r in range(2)]
+    procs = [
+        ctx.Process(
+            target=_ddp_worker,
+            args=(r, 2, _free_port() if r == 0 else None, policy_dir, overrides, batch, out),
+        )
+        for r in range(2)
+    ]
     port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, policy_dir, overrides, batch, out)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_ddp_worker, args=(r, 2, port, policy_dir, overrides, batch, out))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     got = out.get(timeout=240)

@@ -56,7 +56,12 @@ def test_unknown_hyperparameter_lists_accepted_with_defaults():
     with pytest.raises(RegistryError) as err:
         ADVANTAGES.build("grpo", {"epsilon": 1e-3}, key="advantage")
     msg = str(err.value)
-    assert "advantage.epsilon" in msg and "eps=1e-06" in msg and "norm_std=True" in msg and "Did you mean 'eps'" in msg
+    assert (
+        "advantage.epsilon" in msg
+        and "eps=1e-06" in msg
+        and "norm_std=True" in msg
+        and "Did you mean 'eps'" in msg
+    )
 
 
 def test_params_read_from_signature():

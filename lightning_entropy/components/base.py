@@ -46,8 +46,7 @@ class Sampler(Component):
     @abstractmethod
     def generate(
         self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any
-    ) -> "RolloutBatch":
-        ...
+    ) -> RolloutBatch: ...
 
 
 class Reward(Component):
@@ -58,17 +57,15 @@ class Reward(Component):
     @abstractmethod
     def __call__(
         self, prompts: list[str], completions: list[str], references: list[str | None]
-    ) -> tuple[Tensor, list[dict[str, Any]]]:
-        ...
+    ) -> tuple[Tensor, list[dict[str, Any]]]: ...
 
-    def score_batch(self, batch: "RolloutBatch") -> tuple[Tensor, list[dict[str, Any]]]:
+    def score_batch(self, batch: RolloutBatch) -> tuple[Tensor, list[dict[str, Any]]]:
         raise TypeError(f"{type(self).__name__} scores text only; it has no score_batch")
 
 
 class AdvantageEstimator(Component):
     @abstractmethod
-    def __call__(self, batch: "RolloutBatch") -> Tensor:
-        ...
+    def __call__(self, batch: RolloutBatch) -> Tensor: ...
 
 
 class TokenSelector(Component):
@@ -77,10 +74,9 @@ class TokenSelector(Component):
     scope: str = "minibatch"
 
     @abstractmethod
-    def __call__(self, batch: "RolloutBatch") -> Tensor:
-        ...
+    def __call__(self, batch: RolloutBatch) -> Tensor: ...
 
-    def micro(self, batch: "RolloutBatch", entropy: Tensor) -> Tensor:
+    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
         """Weights for one micro-batch from the current policy's (detached) entropy; scope=micro."""
         return self(batch)
 
@@ -92,30 +88,30 @@ class PolicyLoss(Component):
     # Force an aggregation mode (GSPO: seq-mean-token-mean); None keeps ``loss.agg``.
     agg_override: ClassVar[str | None] = None
 
-    def prepare(self, batch: "RolloutBatch") -> None:
+    def prepare(self, batch: RolloutBatch) -> None:
         """Mini-batch-scope statistics, computed once before the micro-batch loop."""
 
     @abstractmethod
-    def __call__(self, logprobs: Tensor, batch: "RolloutBatch", entropy: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        ...
+    def __call__(
+        self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]: ...
 
 
 class EntropyRegularizer(Component):
     needs_logits: ClassVar[bool] = False  # reads the micro-batch's full next-token logits
     needs_entropy_grad: ClassVar[bool] = False  # differentiates through the full-vocabulary entropy
 
-    def modify_rollout(self, batch: "RolloutBatch", resample: Any) -> "RolloutBatch":
+    def modify_rollout(self, batch: RolloutBatch, resample: Any) -> RolloutBatch:
         """Hook for methods that change the rollout itself (AEPO), called after rewards are scored
         and before the old-policy recompute. ``resample(rows, temperature)`` draws ``group_size``
         fresh responses for the prompts of ``rows`` (indices of one response per group) with the
         current policy at that temperature and returns a scored RolloutBatch."""
         return batch
 
-    def prepare(self, batch: "RolloutBatch") -> None:
+    def prepare(self, batch: RolloutBatch) -> None:
         """Mini-batch-scope statistics, computed once before the micro-batch loop."""
 
     @abstractmethod
     def __call__(
-        self, logits: Tensor | None, logprobs: Tensor, entropy: Tensor, batch: "RolloutBatch", step: int
-    ) -> tuple[Tensor, dict[str, Any]]:
-        ...
+        self, logits: Tensor | None, logprobs: Tensor, entropy: Tensor, batch: RolloutBatch, step: int
+    ) -> tuple[Tensor, dict[str, Any]]: ...

@@ -74,8 +74,10 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``x`` where ``mask`` > 0 (mask used as weights); 0 where the mask is empty."""
     mask = mask.to(x.dtype)
-    return masked_sum(x, mask, dim) / mask.sum(dim).clamp_min(1e-12) if dim is not None else (
-        masked_sum(x, mask) / mask.sum().clamp_min(1e-12)
+    return (
+        masked_sum(x, mask, dim) / mask.sum(dim).clamp_min(1e-12)
+        if dim is not None
+        else (masked_sum(x, mask) / mask.sum().clamp_min(1e-12))
     )
 
 

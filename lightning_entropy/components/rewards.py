@@ -454,6 +454,10 @@ class _AnswerVote(Reward):
             for i, v, info in zip(rows, group_values, group_infos):
                 values[i], infos[i] = v, {"extracted": answers[i], **info}
         self.metrics["answer_rate"] = sum(a is not None for a in answers) / max(len(answers), 1)
+        if self._verifier is not None:
+            # no worker outlives a call: a forked worker inherits the trainer's SIGTERM handler and
+            # would ignore the interpreter-exit termination, hanging the exit
+            self._verifier.close()
         return _finish(values, infos)
 
     @abstractmethod

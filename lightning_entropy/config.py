@@ -284,6 +284,15 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         )
     if lg.val_every < 1 or lg.ckpt_every < 1:
         raise ConfigError("logging.val_every and logging.ckpt_every must be >= 1")
+    if (
+        lg.tensorboard
+        and importlib.util.find_spec("tensorboard") is None
+        and importlib.util.find_spec("tensorboardX") is None
+    ):
+        raise ConfigError(
+            "logging.tensorboard=true needs the tensorboard package: pip install "
+            "'lightning_entropy[tensorboard]'"
+        )
     _validate_data(cfg)
     _validate_model(cfg)
     return comps

@@ -12,6 +12,7 @@ values instead (identical at the first update of each rollout; each docstring sa
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -157,8 +158,9 @@ class _ScopedLoss(PolicyLoss):
     scope: str = "minibatch"
     _rows: _PreparedRows | None = None
 
+    @abstractmethod
     def minibatch_state(self, batch: RolloutBatch) -> Any:
-        raise NotImplementedError
+        """The batch statistic of this loss over ``batch`` (pooled over ranks)."""
 
     def prepare(self, batch: RolloutBatch) -> None:
         self._rows = _PreparedRows(self.minibatch_state(batch), batch) if self.scope == "minibatch" else None

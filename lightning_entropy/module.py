@@ -455,6 +455,8 @@ class RLVRModule(L.LightningModule):
                 else f"rollout/{k}"
             )
             self.log(key, _reduce_stat(v, mask), on_step=True)
+        for k, v in self.regularizer.metrics.items():  # set by modify_rollout (AEPO)
+            self.log(f"regularizer/rollout_{k}", _reduce_stat(v, mask), on_step=True)
         for c in (self.advantage_fn, self.reward_fn, self.sampler, self.regularizer):
             c.metrics.clear()
         self.log("train/rl_step", float(self.rl_step), on_step=True)

@@ -162,3 +162,49 @@ def test_hidden_state_path_gives_the_logits_path_gradient(policy_dir):
     g_hidden = grads_for(b, batch)
     for k in g_logits:
         assert torch.allclose(g_logits[k], g_hidden[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_updates_move_probability_towards_rewarded_answers(policy_dir):
+    """Sign check of the whole update: reward responses that start with '7' and watch their log-prob rise."""
+    m = make_module(policy_dir, "optim.lr=3e-3", "sampler.max_new_tokens=3")
+    opt = torch.optim.Adam(m.policy.parameters(), lr=3e-3)
+    seven = m.tokenizer.convert_tokens_to_ids("7")
+
+    def p_seven():
+        with torch.no_grad():
+            enc = m.tokenizer(["12+34=r"], return_tensors="pt", add_special_tokens=False)
+            return torch.softmax(m.policy(**enc).logits[0, -1], -1)[seven].item()
+
+    before = p_seven()
+    torch.manual_seed(0)
+    for _ in range(30):
+        batch = m.sampler.generate(m.policy, m.tokenizer, ["12+34=r"] * 4, m.group_size)
+        batch.rewards = (batch.response_ids[:, 0] == seven).float()
+        m.old_policy_pass(batch)
+        batch.advantages = m.advantage_fn(batch) * batch.response_mask
+        opt.zero_grad()
+        m.accumulate_gradients(batch, step=0)
+        opt.step()
+    assert p_seven() > 5 * before, (before, p_seven())
+
+
+def test_gradient_matches_an_independent_ppo_computation(policy_dir):
+    m = make_module(policy_dir, "loss.eps_low=0.1", "loss.eps_high=0.1")
+    batch = make_rollout(m)
+    batch.old_logprobs = batch.old_logprobs + 0.2 * torch.randn_like(batch.old_logprobs) * batch.response_mask
+    got = grads_for(m, batch)
+    # naive: full log_softmax, PPO clip by hand, token-mean over response tokens
+    m.policy.zero_grad()
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
+    logits = m.policy(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0)).logits
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    logp = torch.log_softmax(logits[:, P - 1 : P - 1 + T], -1).gather(-1, batch.response_ids[..., None])[..., 0]
+    ratio = torch.exp(logp - batch.old_logprobs)
+    adv = batch.advantages
+    per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.9, 1.1))
+    per_tok = torch.where(adv < 0, torch.minimum(per_tok, -3.0 * adv), per_tok)
+    mask = batch.response_mask.float()
+    ((per_tok * mask).sum() / mask.sum()).backward()
+    for n, p in m.policy.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-4), n

@@ -11,6 +11,7 @@ import ast
 import logging
 import multiprocessing
 import re
+import signal
 from collections import Counter
 from fractions import Fraction
 from functools import lru_cache
@@ -240,6 +241,8 @@ def _math_verify_worker(conn: Any) -> None:
     """Worker loop. math-verify's own timeouts use SIGALRM (main thread only); they are disabled
     here and the parent enforces the deadline by killing this process instead."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # a forked worker inherits the trainer's SIGTERM handler, which would ignore the parent's terminate()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import math_verify  # noqa: F401  (import before the handshake so it does not eat a deadline)
 
     conn.send("ready")

@@ -120,6 +120,7 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
                 "logging.name, or continue it with --resume {run_dir}/checkpoints/last.ckpt"
             )
     # everything above is cheap; the model, data and trainer come only after the checks pass
+    _quiet_known_warnings()
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -208,6 +209,19 @@ def prepare_policy(cfg: DictConfig, datamodule: Any) -> str:
             progress=cfg.logging.progress,
         )
     )
+
+
+def _quiet_known_warnings() -> None:
+    """Silence library notices that say nothing about this run (ours stay visible)."""
+    import warnings
+
+    for pattern in (
+        ".*no pre-optimization state was saved.*",
+        ".*`IterableDataset` has `__len__` defined.*",
+        ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ".*litlogger.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def _env_rank() -> int:

@@ -431,6 +431,7 @@ class RLVRModule(L.LightningModule):
         self.log("train/truncated_frac", s[4] / s[2], on_step=True)
         adv = batch.advantages
         seq_adv = (adv * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        zero_seq = ((adv == 0) | (mask == 0)).all(-1).float()
         a = self._gsum(
             torch.stack(
                 [
@@ -439,13 +440,16 @@ class RLVRModule(L.LightningModule):
                     mask.sum(),
                     masked_sum_((adv == 0).float(), mask),
                     masked_sum_((adv > 0).float(), mask),
+                    zero_seq.sum(),
+                    torch.tensor(float(adv.shape[0]), device=adv.device),
                 ]
             )
         )
         amean = a[0] / a[2].clamp_min(1)
         self.log("adv/mean", amean, on_step=True)
         self.log("adv/std", (a[1] / a[2].clamp_min(1) - amean**2).clamp_min(0).sqrt(), on_step=True)
-        self.log("adv/zero_frac", a[3] / a[2].clamp_min(1), on_step=True)
+        self.log("adv/zero_frac", a[5] / a[6].clamp_min(1), on_step=True)  # responses with A = 0 throughout
+        self.log("adv/zero_token_frac", a[3] / a[2].clamp_min(1), on_step=True)
         self.log("adv/pos_frac", a[4] / a[2].clamp_min(1), on_step=True)
         self.log("adv/seq_abs_mean", seq_adv.abs().mean(), on_step=True)
         for k, v in {**self.advantage_fn.metrics, **self.reward_fn.metrics, **self.sampler.metrics}.items():

@@ -1,8 +1,6 @@
 """Metrics against hand computations, 2-rank pooling by merging states, and a real 2-rank gloo run."""
 
 import math
-import multiprocessing
-import socket
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from lightning_entropy.metrics import (
     ZeroVarianceGroups,
     pass_at_k,
 )
+from tests._dist import run_two_ranks
 
 
 def _merged(cls, kwargs, updates_a, updates_b):
@@ -362,19 +361,8 @@ def _dist_worker(rank, world, port, out):
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "metrics.pt")
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_dist_worker, args=(rank, 2, port, out)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_two_ranks(_dist_worker, out)
     two = torch.load(out)
     single = _all_metrics()
     for rank in range(2):

@@ -1,16 +1,13 @@
 """The update loop without a Trainer: micro-batching and data parallelism must not change gradients."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_entropy.config import load_config
 from lightning_entropy.models import build_char_tokenizer, build_tiny_model
 from lightning_entropy.module import RLVRModule, kl_penalty
+from tests._dist import run_two_ranks
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +88,10 @@ def test_kl_estimators_by_hand():
     assert torch.allclose(kl_penalty(lp, ref, "k3"), torch.exp(-d) + d - 1)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, policy_dir, overrides, batch, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
         m = make_module(policy_dir, *overrides)
         half = batch.size // world
         g = grads_for(m, batch.index(slice(rank * half, (rank + 1) * half)))
@@ -109,7 +99,7 @@ def _ddp_worker(rank, world, port, policy_dir, overrides, batch, out):
             dist.all_reduce(v)
             v /= world
         if rank == 0:
-            out.put({k: v.numpy() for k, v in g.items()})
+            torch.save(g, out)
     finally:
         dist.destroy_process_group()
 
@@ -123,33 +113,17 @@ def _ddp_worker(rank, world, port, policy_dir, overrides, batch, out):
     ],
     ids=["token-mean", "seq-mean", "80-20+clip_cov"],
 )
-def test_two_ranks_give_the_gradient_of_one(policy_dir, overrides):
+def test_two_ranks_give_the_gradient_of_one(policy_dir, overrides, tmp_path):
     single = make_module(policy_dir, *overrides)
     batch = make_rollout(single)
     batch.old_logprobs = batch.old_logprobs + 0.3 * torch.randn_like(batch.old_logprobs) * batch.response_mask
     expected = grads_for(single, batch)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_ddp_worker,
-            args=(r, 2, _free_port() if r == 0 else None, policy_dir, overrides, batch, out),
-        )
-        for r in range(2)
-    ]
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_ddp_worker, args=(r, 2, port, policy_dir, overrides, batch, out))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    got = out.get(timeout=240)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    out = str(tmp_path / "grads.pt")
+    run_two_ranks(_ddp_worker, policy_dir, overrides, batch, out)
+    got = torch.load(out)
+    assert got.keys() == expected.keys()
     for k, v in expected.items():
-        assert torch.allclose(torch.from_numpy(got[k]), v, atol=1e-5, rtol=1e-4), k
+        assert torch.allclose(got[k], v, atol=1e-5, rtol=1e-4), k
 
 
 def test_hidden_state_path_gives_the_logits_path_gradient(policy_dir):
@@ -197,9 +171,13 @@ def test_gradient_matches_an_independent_ppo_computation(policy_dir):
     m.policy.zero_grad()
     ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
     attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
-    logits = m.policy(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0)).logits
+    logits = m.policy(
+        input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0)
+    ).logits
     P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    logp = torch.log_softmax(logits[:, P - 1 : P - 1 + T], -1).gather(-1, batch.response_ids[..., None])[..., 0]
+    logp = torch.log_softmax(logits[:, P - 1 : P - 1 + T], -1).gather(-1, batch.response_ids[..., None])[
+        ..., 0
+    ]
     ratio = torch.exp(logp - batch.old_logprobs)
     adv = batch.advantages
     per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.9, 1.1))

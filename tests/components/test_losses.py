@@ -5,8 +5,6 @@ registry-driven smoke test of every registered loss."""
 from __future__ import annotations
 
 import math
-import multiprocessing
-import socket
 
 import pytest
 import torch
@@ -27,6 +25,7 @@ from lightning_entropy.components.losses import (
     PPOLoss,
 )
 from lightning_entropy.registry import LOSSES
+from tests._dist import run_two_ranks
 
 ATOL = 1e-5
 
@@ -554,22 +553,6 @@ def test_prepared_loss_rejects_a_foreign_micro_batch():
 # 1 vs 2 ranks (gloo, CPU)
 
 DIST_CASES = SCOPED[:5]
-
-
-def run_two_ranks(worker, out: str) -> None:
-    """Fork two gloo ranks on a free localhost port (fork: no second torch import); a hang fails."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=worker, args=(rank, 2, port, out)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
 
 
 def _dist_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -4,8 +4,6 @@ edge cases, reproducible randomness, 1 vs 2 ranks (gloo) and a registry-driven s
 from __future__ import annotations
 
 import math
-import multiprocessing
-import socket
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from lightning_entropy.components.selectors import (
     token_count,
 )
 from lightning_entropy.registry import SELECTORS
+from tests._dist import run_two_ranks
 
 PAD = 9.0  # a loud padding value that must never be selected
 
@@ -243,22 +242,6 @@ DIST = [
     (STEERWeights, {"mode": "linear", "w_max": 1.2}),
     (STEERWeights, {}),
 ]
-
-
-def run_two_ranks(worker, out: str) -> None:
-    """Fork two gloo ranks on a free localhost port (fork: no second torch import); a hang fails."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=worker, args=(rank, 2, port, out)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
 
 
 def _dist_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -132,7 +132,7 @@ class RolloutBatch:
         if mode == "token-mean":
             out = vw.sum() / max(norm.tokens[kind], 1e-12)
         elif mode == "seq-mean-token-mean":
-            per_seq = vw.sum(-1) / w.sum(-1).clamp_min(1e-12)
+            per_seq = vw.sum(-1) / (w > 0).sum(-1).clamp_min(1)
             out = per_seq.sum() / max(norm.seqs[kind], 1e-12)
         elif mode == "seq-mean-token-sum":
             out = vw.sum() / max(norm.seqs[kind], 1e-12)
@@ -150,7 +150,9 @@ def make_agg_norm(batches: list[RolloutBatch], mode: str, const: float, reduce: 
     rows = []
     for b in batches:
         for kind, w in (("selected", b.weights), ("response", b.response_mask.to(torch.float32))):
-            rows.append((kind, w.sum(), (w.sum(-1) > 0).sum()))
+            # denominators count tokens (w > 0), so fractional weights (STEER) scale per-token losses
+            # as in verl, where the weights multiply the loss and the mask count normalises it
+            rows.append((kind, (w > 0).sum(), (w.sum(-1) > 0).sum()))
     sel = [r for r in rows if r[0] == "selected"]
     res = [r for r in rows if r[0] == "response"]
     stats = torch.stack(

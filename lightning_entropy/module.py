@@ -370,7 +370,8 @@ class RLVRModule(L.LightningModule):
             # the official codes' per-micro-batch statistics: normalise within the micro-batch and
             # weight by its share of the mini-batch, like gradient accumulation in verl
             micro.token_weights = (
-                self.selector.micro(micro, entropy.detach()).to(torch.float32) * micro.response_mask
+                self.selector.micro(micro, entropy.detach(), logprobs.detach()).to(torch.float32)
+                * micro.response_mask
             )
             micro.agg_norm = make_agg_norm([micro], self.agg_mode, const=micro.agg_norm.const)
             micro.agg_norm.tokens = {k: v / scale for k, v in micro.agg_norm.tokens.items()}

@@ -76,8 +76,9 @@ class TokenSelector(Component):
     @abstractmethod
     def __call__(self, batch: RolloutBatch) -> Tensor: ...
 
-    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
-        """Weights for one micro-batch from the current policy's (detached) entropy; scope=micro."""
+    def micro(self, batch: RolloutBatch, entropy: Tensor, logprobs: Tensor | None = None) -> Tensor:
+        """Weights for one micro-batch from the current policy's (detached) entropy and log-probs of
+        the sampled tokens; called instead of ``__call__`` when scope=micro."""
         return self(batch)
 
 

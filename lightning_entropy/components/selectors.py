@@ -115,7 +115,7 @@ class _EntropyRank(TokenSelector):
     def __call__(self, batch: RolloutBatch) -> Tensor:
         return self._select(batch.entropy, batch.response_mask, pooled=True)
 
-    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
+    def micro(self, batch: RolloutBatch, entropy: Tensor, logprobs: Tensor | None = None) -> Tensor:
         return self._select(entropy, batch.response_mask, pooled=False)
 
 
@@ -169,7 +169,7 @@ class RandomTokens(TokenSelector):
     def __call__(self, batch: RolloutBatch) -> Tensor:
         return self._select(batch.entropy, batch.response_mask, pooled=True)
 
-    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
+    def micro(self, batch: RolloutBatch, entropy: Tensor, logprobs: Tensor | None = None) -> Tensor:
         return self._select(entropy, batch.response_mask, pooled=False)
 
     def state_dict(self) -> dict[str, Any]:
@@ -233,7 +233,7 @@ class WindowEntropyTokens(TokenSelector):
     def __call__(self, batch: RolloutBatch) -> Tensor:
         return self._select(batch, batch.entropy)
 
-    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
+    def micro(self, batch: RolloutBatch, entropy: Tensor, logprobs: Tensor | None = None) -> Tensor:
         return self._select(batch, entropy)
 
 
@@ -247,12 +247,11 @@ class STEERWeights(TokenSelector):
     (w_max - w_min), clamped, midpoint when max == min. Defaults follow the main script (exponential,
     w_min 0.8); the linear script uses [0.8, 1.2], the code's fallback [0.95, 1.05].
 
-    pi is the current policy in the official code. The selector interface sees no current log-probs,
-    so pi = pi_old from ``old_logprobs`` in both scopes: identical at the first update of a rollout,
-    an approximation at later ones. ``scope`` sets where max/min |Omega| are taken: the whole
-    mini-batch over all ranks (minibatch) or each micro-batch (micro, official). H is the old-policy
-    entropy in both scopes, as in the official code. Note the module's token-mean divides by the sum
-    of weights; the official code divides by the token count.
+    pi is the current policy in the official code: ``scope: micro`` (official) takes it from the
+    micro-batch's forward pass and the max/min |Omega| over that micro-batch; ``scope: minibatch``
+    weighs the whole mini-batch over all ranks before the first forward, so it uses pi_old (identical
+    at the first update of a rollout, an approximation at later ones). H is the old-policy entropy in
+    both scopes, as in the official code. Token-mean divides by the token count, as the official code.
     """
 
     def __init__(
@@ -267,10 +266,11 @@ class STEERWeights(TokenSelector):
         self.mode, self.w_min, self.w_max = mode, float(w_min), float(w_max)
         self.scope = check_scope(scope)
 
-    def _weights(self, batch: RolloutBatch, pooled: bool) -> Tensor:
+    def _weights(self, batch: RolloutBatch, pooled: bool, logprobs: Tensor | None = None) -> Tensor:
         mask = batch.response_mask.bool()
         with torch.no_grad():
-            pi = batch.old_logprobs.float().exp().clamp(1e-8, 1 - 1e-8)
+            current = batch.old_logprobs if logprobs is None else logprobs.detach()
+            pi = current.float().exp().clamp(1e-8, 1 - 1e-8)
             pi_old = batch.old_logprobs.float().exp().clamp(1e-8, 1.0)
             omega = batch.advantages.float() / pi_old * pi * (1 - pi) * (pi.log() + batch.entropy.float())
             omega = torch.where(torch.isfinite(omega), omega, torch.zeros_like(omega)).abs()
@@ -300,5 +300,5 @@ class STEERWeights(TokenSelector):
     def __call__(self, batch: RolloutBatch) -> Tensor:
         return self._weights(batch, pooled=True)
 
-    def micro(self, batch: RolloutBatch, entropy: Tensor) -> Tensor:
-        return self._weights(batch, pooled=False)
+    def micro(self, batch: RolloutBatch, entropy: Tensor, logprobs: Tensor | None = None) -> Tensor:
+        return self._weights(batch, pooled=False, logprobs=logprobs)

@@ -274,3 +274,19 @@ def test_two_ranks_select_what_one_rank_selects(tmp_path):
         w1 = sel(batch)
         assert torch.allclose(w1, w2, atol=1e-6), cls.__name__
         assert kept2 == pytest.approx(float(sel.metrics.get("kept_frac", torch.tensor(0.0))))
+
+
+def test_steer_micro_scope_uses_the_current_policy_probability():
+    """Official STEER: pi is the current policy; Omega = A / pi_old * pi (1 - pi)(log pi + H_old)."""
+    batch = random_batch(seed=3)
+    cur = batch.old_logprobs + 0.3 * torch.randn_like(batch.old_logprobs)
+    sel = STEERWeights(scope="micro")
+    got = sel.micro(batch, batch.entropy, cur)
+    mask = batch.response_mask.bool()
+    pi, pi_old = cur.exp().clamp(1e-8, 1 - 1e-8), batch.old_logprobs.exp().clamp(1e-8, 1.0)
+    omega = (batch.advantages / pi_old * pi * (1 - pi) * (pi.log() + batch.entropy)).abs()
+    k = -math.log(0.8) / max(float(omega[mask].max()), 0.02)
+    expected = torch.exp(-k * omega).clamp(0.8, 1.0) * mask
+    assert torch.allclose(got, expected, atol=1e-6)
+    # without current log-probs (minibatch scope) pi falls back to pi_old, which differs here
+    assert not torch.allclose(sel.micro(batch, batch.entropy), expected, atol=1e-4)

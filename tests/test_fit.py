@@ -48,11 +48,20 @@ def test_default_fit_writes_config_metrics_checkpoint_and_plot(tmp_path, tiny_ca
         assert key in series, key
 
 
-def test_resume_continues_exactly(tmp_path, tiny_cache):
-    # the entropy bonus gives a gradient even while the tiny test policy earns no reward
+@pytest.mark.parametrize(
+    "regularizer",
+    [
+        # the entropy bonus gives a gradient even while the tiny test policy earns no reward
+        ["regularizer.name=entropy_bonus", "regularizer.coef=0.1"],
+        ["regularizer.name=adaptive_entropy", "regularizer.target=5.0", "regularizer.delta=0.01"],
+        ["regularizer.name=aent", "regularizer.warmup_steps=1"],
+        ["regularizer.name=siren", "regularizer.coef=1.0"],
+    ],
+    ids=["entropy_bonus", "adaptive_entropy", "aent", "siren"],
+)
+def test_resume_continues_exactly(tmp_path, tiny_cache, regularizer):
     common = [
-        "regularizer.name=entropy_bonus",
-        "regularizer.coef=0.1",
+        *regularizer,
         "logging.ckpt_every=2",
         "algo.mini_batch_size=8",
         "algo.ppo_epochs=2",
@@ -79,6 +88,10 @@ def test_resume_continues_exactly(tmp_path, tiny_cache):
         b["optimizer_states"][0]["state"][0]["exp_avg"]
     )
     assert a["lr_schedulers"] == b["lr_schedulers"]
+    state_a, state_b = (c["lightning_entropy"]["components"]["regularizer"] for c in (a, b))
+    assert state_a.keys() == state_b.keys()
+    for k, v in state_a.items():
+        assert torch.equal(v, state_b[k]) if torch.is_tensor(v) else v == state_b[k], k
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])

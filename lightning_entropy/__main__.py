@@ -1,4 +1,4 @@
-"""Command line: ``python -m lightning_entropy {fit,validate,components,report} ...``."""
+"""Command line: ``python -m lightning_entropy {fit,validate,sweep,components,report} ...``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("components", help="list every registered component and its hyperparameters")
     c.add_argument("--import", dest="imports", action="append", default=[])
     c.add_argument("family", nargs="?", help="only this family")
+    sw = sub.add_parser("sweep", help="run an ablation grid (locally, or on SLURM through submitit)")
+    sw.add_argument("sweep_file")
+    sw.add_argument("--root", help="parent of the sweep directory (default: the file's `root`, else runs)")
+    sw.add_argument("--dry-run", action="store_true", help="validate every run and print the commands")
     r = sub.add_parser("report", help="summary table and curves of a run directory")
     r.add_argument("run_dir")
     return p
@@ -54,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_components(args)
         if args.command == "report":
             return cmd_report(Path(args.run_dir))
+        if args.command == "sweep":
+            from lightning_entropy.sweep import run_sweep
+
+            return run_sweep(args.sweep_file, root=args.root, dry_run=args.dry_run)
         return cmd_fit(args, validate_only=args.command == "validate")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -198,7 +206,7 @@ def prepare_policy(cfg: DictConfig, datamodule: Any) -> str:
         "task": cfg.data.task,
         "difficulty": cfg.data.difficulty,
         "options": OmegaConf.to_container(cfg.data.options, resolve=True),
-        "seed": cfg.seed,
+        "seed": cfg.data.seed,
     }
     return str(
         ensure_builtin(

@@ -58,6 +58,7 @@ class DataConfig:
     prompt_key: str = "prompt"
     answer_key: str | None = "answer"
     prompts_per_step: int = 32  # global, across ranks
+    seed: int = 0  # splits, prompt order and the tiny policy's warm-start; `seed` drives the RL run
     val_batch_size: int = 64
 
 

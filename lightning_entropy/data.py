@@ -542,8 +542,13 @@ class PromptDataModule(L.LightningDataModule):
                 f"prompts_per_step={self.prompts_per_step} is not divisible by world size {world}"
             )
         self.setup()
-        return DataLoader(_StepStream(self, rank, world), batch_size=None, num_workers=0, collate_fn=_keep,
-                          generator=_own_generator(self.seed))
+        return DataLoader(
+            _StepStream(self, rank, world),
+            batch_size=None,
+            num_workers=0,
+            collate_fn=_keep,
+            generator=_own_generator(self.seed),
+        )
 
     def val_batches(self, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
         """This rank's contiguous shard of the validation set, in batches of ``val_batch_size``."""
@@ -561,7 +566,10 @@ class PromptDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            _Batches(self.val_batches(*self.rank_world())), batch_size=None, num_workers=0, collate_fn=_keep,
+            _Batches(self.val_batches(*self.rank_world())),
+            batch_size=None,
+            num_workers=0,
+            collate_fn=_keep,
             generator=_own_generator(self.seed),
         )
 
@@ -578,7 +586,7 @@ class PromptDataModule(L.LightningDataModule):
 
 
 def build_datamodule(cfg: Any) -> PromptDataModule:
-    """The CLI's adapter from the resolved config (``cfg.data`` and ``cfg.seed``) to plain kwargs."""
+    """The CLI's adapter from the resolved config (``cfg.data``, with its own seed) to plain kwargs."""
     from omegaconf import OmegaConf
 
     d = cfg.data
@@ -595,6 +603,6 @@ def build_datamodule(cfg: Any) -> PromptDataModule:
         answer_key=d.answer_key,
         prompts_per_step=d.prompts_per_step,
         val_batch_size=d.val_batch_size,
-        seed=cfg.seed,
+        seed=d.seed,
         **options,
     )

@@ -369,6 +369,7 @@ def test_build_datamodule_from_config():
                 "answer_key": "answer",
                 "prompts_per_step": 8,
                 "val_batch_size": 4,
+                "seed": 3,
             },
         }
     )

@@ -65,7 +65,7 @@ class DataConfig:
 @dataclass
 class AlgoConfig:
     ppo_epochs: int = 1
-    mini_batch_size: int | None = None  # sequences per optimizer step, global; null = whole rollout
+    mini_batch_size: int | None = 128  # sequences per optimizer step, global; null = whole rollout
     micro_batch_size: int | None = None  # sequences per forward on a rank; null = whole mini-batch
     shuffle_minibatches: bool = False
     kl_coef: float = 0.0

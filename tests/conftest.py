@@ -29,6 +29,7 @@ TINY = [
     "data.train_size=200",
     "data.val_size=8",
     "data.prompts_per_step=4",
+    "algo.mini_batch_size=16",
     "sampler.group_size=4",
     "logging.val_every=2",
     "logging.val_samples=4",

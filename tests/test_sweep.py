@@ -1,5 +1,6 @@
 import csv
 import os
+from pathlib import Path
 
 import pytest
 
@@ -7,6 +8,15 @@ from lightning_entropy.config import ConfigError
 from lightning_entropy.sweep import check_runs, load_sweep, run_sweep
 
 from .conftest import TINY
+
+SWEEPS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_every_shipped_sweep_expands_and_validates(path):
+    spec, runs = load_sweep(path)
+    assert runs
+    check_runs(spec, runs)
 
 
 def write(tmp_path, text):

@@ -148,8 +148,9 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = RLVRModule(cfg, policy_path)
     t = cfg.trainer
-    loggers: list[Any] = [CSVLogger(str(run_dir), name="logs")]
-    if cfg.logging.tensorboard:
+    # validate only reads: no run directory, logs or checkpoints of its own
+    loggers: list[Any] = [] if validate_only else [CSVLogger(str(run_dir), name="logs")]
+    if cfg.logging.tensorboard and not validate_only:
         loggers.append(TensorBoardLogger(str(run_dir), name="tb"))
     per_step = module.updates_per_step
     ckpt_cb = ModelCheckpoint(
@@ -168,8 +169,8 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
         precision=t.precision,
         max_steps=t.max_steps * per_step,
         deterministic=t.deterministic,
-        logger=loggers,
-        callbacks=[ckpt_cb],
+        logger=loggers or False,
+        callbacks=[] if validate_only else [ckpt_cb],
         val_check_interval=cfg.logging.val_every,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
@@ -181,6 +182,8 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
     )
     if validate_only:
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt)
+        if trainer.is_global_zero:
+            print("\n".join(f"{k:<12} {v:.4f}" for k, v in module.last_validation.items()))
         return 0
     start = time.time()
     try:

@@ -76,6 +76,7 @@ class RLVRModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.rl_step = 0
+        self.last_validation: dict[str, float] = {}
         self._needs = set().union(*(c.requires for c in comps.values()))
         self._warned_on_policy = False
         self.train_metrics = torch.nn.ModuleDict(
@@ -537,6 +538,7 @@ class RLVRModule(L.LightningModule):
         self.val_acc.reset()
         self.val_passk.reset()
         values = {"val/acc": float(acc), **{f"val/{k}": float(v) for k, v in passk.items()}}
+        self.last_validation = values
         for lg in self.loggers:
             lg.log_metrics(values, step=self.rl_step)
             lg.save()

@@ -126,3 +126,12 @@ def test_ddp_two_cpu_processes_fit(tmp_path, tiny_cache):
     series = read_metrics(runs[0])
     assert [s for s, _ in series["train/reward"]] == [0, 1]
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_validate_command_reports_without_writing(tmp_path, tiny_cache, capsys):
+    run = fit(tmp_path, "v", "trainer.max_steps=1")
+    versions = sorted((run / "logs").iterdir())
+    assert main(["validate", "--resume", str(run / "checkpoints" / "last.ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "val/acc" in out and "val/pass@4" in out
+    assert sorted((run / "logs").iterdir()) == versions

@@ -317,23 +317,23 @@ class RLVRModule(L.LightningModule):
         for _ in range(self.cfg.algo.ppo_epochs):
             for mb in self._minibatches(batch):
                 opt.zero_grad()
-                for k, v in self.accumulate_gradients(mb, step).items():
-                    sums.setdefault(k, []).append(v)
+                _add_stats(sums, self.accumulate_gradients(mb, step))
                 if self.cfg.optim.grad_clip:
                     gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
-                    sums.setdefault("train/grad_norm", []).append(float(gn))
+                    _add_stats(sums, {"train/grad_norm": [float(gn), 1.0]})
                 opt.step()
                 sched.step()
                 self._log_selection(mb)
-        for k, v in sums.items():
-            self.log(k, float(np.mean(v)), on_step=True, sync_dist=False)
+        for k, v in _reduce_stats(sums, self.device).items():
+            self.log(k, v, on_step=True)
         self.log("train/lr", sched.get_last_lr()[0], on_step=True)
 
-    def accumulate_gradients(self, mb: RolloutBatch, step: int) -> dict[str, float]:
+    def accumulate_gradients(self, mb: RolloutBatch, step: int) -> dict[str, list[float]]:
         """Select tokens, then forward/backward every micro-batch of one mini-batch (this rank's rows).
 
         The loss normalisers are pooled over the whole mini-batch and all ranks first, so the summed
-        gradient does not depend on the micro-batch size or the number of ranks.
+        gradient does not depend on the micro-batch size or the number of ranks. Returns this rank's
+        statistics as [sum, count] pairs, so they can be pooled over micro-batches and ranks exactly.
         """
         mb.token_weights = self.selector(mb).to(torch.float32) * mb.response_mask
         const = float(self.max_new_tokens or mb.response_ids.shape[1])
@@ -349,11 +349,14 @@ class RLVRModule(L.LightningModule):
                 self.manual_backward(loss)
             else:
                 loss.backward()
-            for k, v in micro_stats.items():
-                stats.setdefault(k, []).append(v)
-        return {k: float(np.mean(v)) for k, v in stats.items()}
+            _add_stats(stats, micro_stats)
+        for k in LOSS_KEYS & stats.keys():  # the micro-batch shares add up to one mini-batch loss
+            stats[k][1] += 1.0
+        return stats
 
-    def _micro_loss(self, micro: RolloutBatch, step: int, scale: float) -> tuple[Tensor, dict[str, float]]:
+    def _micro_loss(
+        self, micro: RolloutBatch, step: int, scale: float
+    ) -> tuple[Tensor, dict[str, list[float]]]:
         reg = self.regularizer
         if self.cfg.algo.logits_from_hidden and not reg.needs_logits:
             logits = None
@@ -382,24 +385,25 @@ class RLVRModule(L.LightningModule):
         view = logits / self.temperature if reg.needs_logits else None
         reg_loss, rstats = reg(view, logprobs, entropy, micro, step)
         total = pg + reg_loss
-        stats: dict[str, float] = {
-            "train/pg_loss": pg.item() / scale,
-            "train/reg_loss": reg_loss.item() / scale,
+        # losses are this micro-batch's share of the mini-batch loss (x world size): summed, counted once
+        stats: dict[str, list[float]] = {
+            "train/pg_loss": [pg.item(), 0.0],
+            "train/reg_loss": [reg_loss.item(), 0.0],
         }
         if self.cfg.algo.kl_coef > 0:
             kl = micro.agg(kl_penalty(logprobs, micro.ref_logprobs, self.cfg.algo.kl_type), kind="response")
             total = total + self.cfg.algo.kl_coef * kl
-            stats["train/kl_ref"] = kl.item() / scale
+            stats["train/kl_ref"] = [kl.item(), 0.0]
         with torch.no_grad():
             mask = micro.response_mask.float()
             approx = kl_penalty(micro.old_logprobs, logprobs.detach(), "k3")
-            stats["train/approx_kl"] = float(masked_mean(approx, mask))
+            stats["train/approx_kl"] = _stat_pair(approx, mask)
             for prefix, src in (
                 ("loss", {**lstats, **self.policy_loss.metrics}),
                 ("regularizer", {**rstats, **reg.metrics}),
             ):
                 for k, v in src.items():
-                    stats[f"{prefix}/{k}"] = _reduce_stat(v, mask)
+                    stats[f"{prefix}/{k}"] = _stat_pair(v, mask)
         self.policy_loss.metrics.clear()
         reg.metrics.clear()
         return total, stats
@@ -606,6 +610,47 @@ TASK_REWARDS = {"arithmetic": "exact_match", "countdown": "countdown"}
 
 def masked_sum_(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum()
+
+
+LOSS_KEYS = {"train/pg_loss", "train/reg_loss", "train/kl_ref"}
+
+
+def _stat_pair(v: Any, mask: Tensor) -> list[float]:
+    """[sum, count] of a component stat: a [B, T] tensor over the masked tokens, a scalar as one value."""
+    if isinstance(v, Tensor):
+        v = v.detach().float()
+        if v.dim() >= 2 and v.shape == mask.shape:
+            return [float((torch.where(mask > 0, v, 0.0) * mask).sum()), float(mask.sum())]
+        return [float(v.mean()), 1.0]
+    return [float(v), 1.0]
+
+
+def _add_stats(total: dict[str, list[float]], new: dict[str, list[float]]) -> None:
+    for k, (s, c) in new.items():
+        acc = total.setdefault(k, [0.0, 0.0])
+        acc[0] += s
+        acc[1] += c
+
+
+def _reduce_stats(sums: dict[str, list[float]], device: torch.device) -> dict[str, float]:
+    """sum / count per key after summing both over ranks (never an average of per-rank averages).
+    A loss sum over ranks is (world size x the mini-batch loss), matched by its count of one per
+    mini-batch per rank."""
+    import torch.distributed as dist
+
+    from lightning_entropy.components.common import all_reduce_sum, is_distributed
+
+    keys = sorted(sums)
+    if is_distributed():  # a component may emit a key on one rank only: agree on the union first
+        gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, keys)
+        keys = sorted(set().union(*gathered))
+    if not keys:
+        return {}
+    t = all_reduce_sum(
+        torch.tensor([sums.get(k, [0.0, 0.0]) for k in keys], dtype=torch.float64, device=device)
+    )
+    return {k: s / c for k, (s, c) in zip(keys, t.tolist()) if c > 0}
 
 
 def _reduce_stat(v: Any, mask: Tensor) -> float:

@@ -41,9 +41,11 @@ def make_rollout(m, seed=0):
     return batch
 
 
-def grads_for(m, batch):
+def grads_for(m, batch, stats=None):
     m.policy.zero_grad()
-    m.accumulate_gradients(batch, step=0)
+    out = m.accumulate_gradients(batch, step=0)
+    if stats is not None:
+        stats.update(out)
     return {n: p.grad.clone() for n, p in m.policy.named_parameters() if p.grad is not None}
 
 
@@ -56,9 +58,14 @@ def test_micro_batches_do_not_change_the_gradient(policy_dir, agg, extra):
     batch = make_rollout(whole)
     # perturb so the ratio is not 1 and clipping is exercised
     batch.old_logprobs = batch.old_logprobs + 0.3 * torch.randn_like(batch.old_logprobs) * batch.response_mask
-    g_whole = grads_for(whole, batch)
+    s_whole, s_micro = {}, {}
+    g_whole = grads_for(whole, batch, s_whole)
     micro = make_module(policy_dir, f"loss.agg={agg}", "algo.micro_batch_size=3", *extra)
-    g_micro = grads_for(micro, batch)
+    g_micro = grads_for(micro, batch, s_micro)
+    # logged statistics are pooled as [sum, count]: the split changes neither the loss nor the fractions
+    assert s_whole.keys() == s_micro.keys() and "loss/clip_low_frac" in s_whole
+    for k, (s, c) in s_whole.items():
+        assert s_micro[k][0] / s_micro[k][1] == pytest.approx(s / c, abs=1e-6), k
     assert g_whole.keys() == g_micro.keys() and g_whole
     for k in g_whole:
         assert torch.allclose(g_whole[k], g_micro[k], atol=1e-5, rtol=1e-4), k

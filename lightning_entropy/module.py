@@ -82,7 +82,6 @@ class RLVRModule(L.LightningModule):
         self.train_metrics = torch.nn.ModuleDict(
             {
                 "entropy": M.TokenMean(),
-                "entropy_selected": M.TokenMean(),
                 "entropy_q": M.TokenQuantiles(),
                 "cov_logp_adv": M.Covariance(),
                 "zero_var_groups": M.ZeroVarianceGroups(),
@@ -323,7 +322,7 @@ class RLVRModule(L.LightningModule):
                     _add_stats(sums, {"train/grad_norm": [float(gn), 1.0]})
                 opt.step()
                 sched.step()
-                self._log_selection(mb)
+                _add_stats(sums, self._selection_stats(mb))
         for k, v in _reduce_stats(sums, self.device).items():
             self.log(k, v, on_step=True)
         self.log("train/lr", sched.get_last_lr()[0], on_step=True)
@@ -471,19 +470,19 @@ class RLVRModule(L.LightningModule):
             c.metrics.clear()
         self.log("train/rl_step", float(self.rl_step), on_step=True)
 
-    def _log_selection(self, mb: RolloutBatch) -> None:
-        tm = self.train_metrics
-        sel = (mb.token_weights > 0).float() * mb.response_mask
-        tm["entropy_selected"].update(mb.entropy, sel)
-        self.log("train/entropy_selected", tm["entropy_selected"].compute(), on_step=True)
-        tm["entropy_selected"].reset()
-        kept = self._gsum(torch.stack([sel.sum(), mb.response_mask.float().sum()]))
-        self.log("selector/kept_frac", kept[0] / kept[1].clamp_min(1), on_step=True)
+    def _selection_stats(self, mb: RolloutBatch) -> dict[str, list[float]]:
+        """What the selector kept in this mini-batch, as [sum, count] pairs pooled like the losses."""
+        mask = mb.response_mask.float()
+        sel = (mb.token_weights > 0).float() * mask
+        stats = {
+            "train/entropy_selected": _stat_pair(mb.entropy, sel),
+            "selector/kept_frac": [float(sel.sum()), float(mask.sum())],
+        }
         for k, v in self.selector.metrics.items():
-            if k == "kept_frac":  # pooled over ranks just above
-                continue
-            self.log(f"selector/{k}", _reduce_stat(v, mb.response_mask.float()), on_step=True)
+            if k != "kept_frac":  # the module's own, pooled over ranks
+                stats[f"selector/{k}"] = _stat_pair(v, mask)
         self.selector.metrics.clear()
+        return stats
 
     def _gsum(self, x: Tensor) -> Tensor:
         from lightning_entropy.components.common import all_reduce_sum

@@ -21,7 +21,7 @@ from torch import Tensor
 from lightning_entropy import metrics as M
 from lightning_entropy import ops
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
-from lightning_entropy.components.common import masked_mean, rank_offset, world_size
+from lightning_entropy.components.common import rank_offset, world_size
 from lightning_entropy.config import COMPONENT_SECTIONS, build_component
 from lightning_entropy.models import load_policy, load_tokenizer
 
@@ -456,16 +456,19 @@ class RLVRModule(L.LightningModule):
         self.log("adv/zero_frac", a[5] / a[6].clamp_min(1), on_step=True)  # responses with A = 0 throughout
         self.log("adv/zero_token_frac", a[3] / a[2].clamp_min(1), on_step=True)
         self.log("adv/pos_frac", a[4] / a[2].clamp_min(1), on_step=True)
-        self.log("adv/seq_abs_mean", seq_adv.abs().mean(), on_step=True)
-        for k, v in {**self.advantage_fn.metrics, **self.reward_fn.metrics, **self.sampler.metrics}.items():
-            key = (
-                f"adv/{self.advantage_fn.registry_name}/{k}"
-                if k in self.advantage_fn.metrics
-                else f"rollout/{k}"
-            )
-            self.log(key, _reduce_stat(v, mask), on_step=True)
-        for k, v in self.regularizer.metrics.items():  # set by modify_rollout (AEPO)
-            self.log(f"regularizer/rollout_{k}", _reduce_stat(v, mask), on_step=True)
+        pairs = {"adv/seq_abs_mean": [float(seq_adv.abs().sum()), float(seq_adv.numel())]}
+        for prefix, comp in (
+            (f"adv/{self.advantage_fn.registry_name}", self.advantage_fn),
+            ("rollout", self.reward_fn),
+            ("rollout", self.sampler),
+            ("regularizer/rollout", self.regularizer),
+        ):  # the last: set by modify_rollout
+            for k, v in comp.metrics.items():
+                pairs[f"{prefix}/{k}" if prefix != "regularizer/rollout" else f"{prefix}_{k}"] = _stat_pair(
+                    v, mask
+                )
+        for k, v in _reduce_stats(pairs, self.device).items():
+            self.log(k, v, on_step=True)
         for c in (self.advantage_fn, self.reward_fn, self.sampler, self.regularizer):
             c.metrics.clear()
         self.log("train/rl_step", float(self.rl_step), on_step=True)
@@ -650,15 +653,6 @@ def _reduce_stats(sums: dict[str, list[float]], device: torch.device) -> dict[st
         torch.tensor([sums.get(k, [0.0, 0.0]) for k in keys], dtype=torch.float64, device=device)
     )
     return {k: s / c for k, (s, c) in zip(keys, t.tolist()) if c > 0}
-
-
-def _reduce_stat(v: Any, mask: Tensor) -> float:
-    """A component stat: a [B, T] tensor is token-averaged over the mask; a scalar is taken as is."""
-    if isinstance(v, Tensor):
-        if v.dim() >= 2 and v.shape == mask.shape:
-            return float(masked_mean(v.float().detach(), mask))
-        return float(v.detach().float().mean())
-    return float(v)
 
 
 __all__ = ["RLVRModule", "kl_penalty", "rank_offset"]

@@ -15,13 +15,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from lightning_entropy import metrics as M
 from lightning_entropy import ops
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
-from lightning_entropy.components.common import rank_offset, world_size
+from lightning_entropy.components.common import all_reduce_sum, is_distributed, masked_sum, world_size
 from lightning_entropy.config import COMPONENT_SECTIONS, build_component
 from lightning_entropy.models import load_policy, load_tokenizer
 
@@ -424,7 +425,7 @@ class RLVRModule(L.LightningModule):
         tm["entropy_q"].reset()
         r = batch.rewards.float()
         n = torch.tensor([float(r.numel())], device=r.device)
-        s = self._gsum(
+        s = all_reduce_sum(
             torch.stack(
                 [r.sum(), (r * r).sum(), n[0], batch.lengths.float().sum(), batch.truncated.float().sum()]
             )
@@ -437,14 +438,14 @@ class RLVRModule(L.LightningModule):
         adv = batch.advantages
         seq_adv = (adv * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         zero_seq = ((adv == 0) | (mask == 0)).all(-1).float()
-        a = self._gsum(
+        a = all_reduce_sum(
             torch.stack(
                 [
-                    masked_sum_(adv, mask),
-                    masked_sum_(adv * adv, mask),
+                    masked_sum(adv, mask),
+                    masked_sum(adv * adv, mask),
                     mask.sum(),
-                    masked_sum_((adv == 0).float(), mask),
-                    masked_sum_((adv > 0).float(), mask),
+                    masked_sum((adv == 0).float(), mask),
+                    masked_sum((adv > 0).float(), mask),
                     zero_seq.sum(),
                     torch.tensor(float(adv.shape[0]), device=adv.device),
                 ]
@@ -486,11 +487,6 @@ class RLVRModule(L.LightningModule):
                 stats[f"selector/{k}"] = _stat_pair(v, mask)
         self.selector.metrics.clear()
         return stats
-
-    def _gsum(self, x: Tensor) -> Tensor:
-        from lightning_entropy.components.common import all_reduce_sum
-
-        return all_reduce_sum(x.float())
 
     # ---- validation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -610,10 +606,6 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
 TASK_REWARDS = {"arithmetic": "exact_match", "countdown": "countdown"}
 
 
-def masked_sum_(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum()
-
-
 LOSS_KEYS = {"train/pg_loss", "train/reg_loss", "train/kl_ref"}
 
 
@@ -638,10 +630,6 @@ def _reduce_stats(sums: dict[str, list[float]], device: torch.device) -> dict[st
     """sum / count per key after summing both over ranks (never an average of per-rank averages).
     A loss sum over ranks is (world size x the mini-batch loss), matched by its count of one per
     mini-batch per rank."""
-    import torch.distributed as dist
-
-    from lightning_entropy.components.common import all_reduce_sum, is_distributed
-
     keys = sorted(sums)
     if is_distributed():  # a component may emit a key on one rank only: agree on the union first
         gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
@@ -655,4 +643,4 @@ def _reduce_stats(sums: dict[str, list[float]], device: torch.device) -> dict[st
     return {k: s / c for k, (s, c) in zip(keys, t.tolist()) if c > 0}
 
 
-__all__ = ["RLVRModule", "kl_penalty", "rank_offset"]
+__all__ = ["RLVRModule", "kl_penalty"]

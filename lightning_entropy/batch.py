@@ -48,6 +48,8 @@ class RolloutBatch:
     self_certainty: Tensor | None = None  # [B, T] logsumexp(z) - mean_v(z)  (UCAS)
     sampled_logits: Tensor | None = None  # [B, T] raw logit of the sampled token (UCAS)
     paired_rewards: Tensor | None = None  # [B] reward of a second, index-paired sample (AAPO)
+    # [B] an advantage fixed by a regularizer for the whole response (AEPO); NaN keeps the estimator's
+    advantage_override: Tensor | None = None
     info: list[dict[str, Any]] = field(default_factory=list)
     agg_norm: AggNorm | None = None
 

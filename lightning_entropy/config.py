@@ -73,6 +73,16 @@ class AlgoConfig:
     temperature: float | None = None  # training temperature; null = the sampler's
     logits_from_hidden: bool = False  # training forward: log-probs/entropy from hidden states + LM head
     chunk_size: int = 256  # rows per chunk in log-prob/entropy ops (0.15 GiB fp32 at a 151k vocabulary)
+    # an on-policy step (one epoch, one mini-batch) takes pi_old from the update's own forward
+    skip_old_pass: bool = True
+    # DAPO (arXiv 2503.14476): drop groups whose rewards are all equal and sample more prompts until
+    # the step has prompts_per_step informative groups, for at most max_sampling_rounds generations
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 10
+    # DAPO's soft overlong punishment over the last overlong_buffer tokens of max_new_tokens (0 = off)
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    overlong_filter: bool = False  # DAPO's overlong filtering: truncated responses leave the loss
 
 
 @dataclass
@@ -83,6 +93,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float | None = 1.0
+    fused: bool = True  # fused AdamW/Adam kernel where the device has one
     warmup_steps: int = 0  # optimizer steps
     schedule: str = "constant"  # constant | linear | cosine
     min_lr_ratio: float = 0.0
@@ -97,6 +108,17 @@ class TrainerConfig:
     precision: Any = "32-true"
     max_steps: int = 100  # RL steps (each = one rollout and its updates)
     deterministic: bool = False
+
+
+@dataclass
+class HealthConfig:
+    """Warnings for runs going wrong, each logged once with the value that triggered it."""
+
+    entropy_min: float | None = 0.01  # mean token entropy (nats) below this: collapse
+    entropy_max: float | None = None  # above this: explosion
+    approx_kl_max: float | None = 0.5  # approx-KL(pi_old || pi) per update above this: a spike
+    zero_adv_steps: int = 10  # this many steps in a row with every advantage 0: no learning signal
+    max_skipped_steps: int = 3  # stop after this many steps in a row whose updates were all non-finite
 
 
 @dataclass
@@ -135,12 +157,14 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 COMPONENT_SECTIONS = ("sampler", "reward", "advantage", "selector", "loss", "regularizer")
 FRAMEWORK_KEYS = {
     "loss": ("name", "agg"),
     "sampler": ("name", "group_size"),
+    "reward": ("name", "strict"),  # strict: a non-finite reward stops the run instead of scoring 0
 }  # keys of a component section that are not hyperparameters
 
 
@@ -248,6 +272,20 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         )
     if a.ppo_epochs < 1:
         raise ConfigError(f"algo.ppo_epochs: must be >= 1, got {a.ppo_epochs}")
+    if a.max_sampling_rounds < 1:
+        raise ConfigError(f"algo.max_sampling_rounds: must be >= 1, got {a.max_sampling_rounds}")
+    if a.dynamic_sampling and comps["reward"].needs_policy_stats:
+        raise ConfigError(
+            f"algo.dynamic_sampling filters groups by reward before the policy pass; reward "
+            f"'{cfg.reward.name}' scores from policy statistics and cannot be used with it"
+        )
+    max_new = cfg.sampler.get("max_new_tokens")
+    if a.overlong_buffer < 0 or (a.overlong_buffer and max_new and a.overlong_buffer >= max_new):
+        raise ConfigError(
+            f"algo.overlong_buffer={a.overlong_buffer} must be >= 0 and below sampler.max_new_tokens ({max_new})"
+        )
+    if cfg.health.max_skipped_steps < 1:
+        raise ConfigError(f"health.max_skipped_steps: must be >= 1, got {cfg.health.max_skipped_steps}")
     if a.kl_type not in ("k1", "k2", "k3"):
         raise ConfigError(f"algo.kl_type: '{a.kl_type}' is not one of k1, k2, k3")
     if d.prompts_per_step < 1 or d.prompts_per_step % ws:

@@ -535,6 +535,14 @@ class PromptDataModule(L.LightningDataModule):
         ]
         return {"index": k, "examples": examples, "group_offset": start}
 
+    def extra_examples(self, step: int, round_: int, n: int, rank: int = 0) -> list[Example]:
+        """``n`` more training prompts for dynamic sampling, drawn without replacement by a stream
+        of their own (seed, step, round, rank), so a resumed run draws exactly the same ones."""
+        self.setup()
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "extra", step, round_, rank))
+        picked = torch.randperm(len(self.train_examples), generator=gen)[:n].tolist()
+        return [self.train_examples[i] for i in picked]
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self.rank_world()
         if self.prompts_per_step % world:

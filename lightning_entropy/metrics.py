@@ -10,12 +10,17 @@ returns 0 (not NaN), so a step with an empty selection logs a finite number.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities.data import dim_zero_sum
 
 _F64 = torch.float64
 
@@ -58,6 +63,27 @@ class TokenMean(Metric):
         return torch.where(
             self.weight != 0, self.total / torch.where(self.weight != 0, self.weight, 1.0), 0.0
         )
+
+
+class SumRatio(Metric):
+    """sum(totals) / sum(counts), both pooled: for values that arrive as parts of one number, e.g. a
+    micro-batch's share of a mini-batch loss (total = the share, count = 1 per mini-batch)."""
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        self.add_state("total", default=_zero(), dist_reduce_fx="sum")
+        self.add_state("count", default=_zero(), dist_reduce_fx="sum")
+
+    def update(self, total: Tensor | float, count: Tensor | float = 1.0) -> None:
+        self.total += torch.as_tensor(total, dtype=_F64, device=self.device).detach()
+        self.count += float(count)
+
+    def compute(self) -> Tensor:
+        return torch.where(self.count != 0, self.total / torch.where(self.count != 0, self.count, 1.0), 0.0)
 
 
 class ScalarMean(TokenMean):
@@ -260,3 +286,112 @@ class RewardStd(Metric):
     def compute(self) -> Tensor:
         n = self.n.clamp_min(1.0)
         return (self.total_sq / n - (self.total / n) ** 2).clamp_min(0.0).sqrt()
+
+
+class MetricBank:
+    """Every number logged in a step, as named torchmetrics ``Metric``s pooled over micro-batches,
+    mini-batches and ranks: the one way statistics are gathered.
+
+    ``update(key, *args, kind=TokenMean)`` creates the metric on first use. ``compute()`` agrees on
+    the union of keys over ranks (a component may report a key on one rank only), sums every
+    sum-reduced state of every metric in a single all-reduce, computes, and resets. Metrics with
+    other states (quantiles concatenate their values) sync through torchmetrics.
+    """
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, Metric] = {}
+
+    def update(self, key: str, *args: Any, kind: Callable[..., Metric] | None = None) -> None:
+        m = self.metrics.get(key)
+        if m is None:
+            m = self.metrics[key] = _new_metric(kind or TokenMean)
+            if args and isinstance(args[0], Tensor):
+                m.to(args[0].device)
+        m.update(*args)
+
+    def tokens(self, key: str, values: Any, mask: Tensor) -> None:
+        """A component statistic: a [B, T] tensor averaged over the masked tokens, else one value."""
+        if isinstance(values, Tensor) and values.dim() >= 2 and values.shape == mask.shape:
+            self.update(key, values.detach(), mask)
+        else:
+            v = values.detach().float().mean() if isinstance(values, Tensor) else float(values)
+            self.update(key, v, 1.0, kind=SumRatio)
+
+    def compute(self, device: torch.device | None = None) -> dict[str, Tensor]:
+        from lightning_entropy.components.common import all_reduce_sum, is_distributed
+
+        if is_distributed():
+            import torch.distributed as dist
+
+            mine = {k: type(m).__name__ for k, m in self.metrics.items()}
+            gathered: list[dict[str, str]] = [{} for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, mine)
+            for other in gathered:
+                for k, name in other.items():
+                    if k not in self.metrics:
+                        self.metrics[k] = _new_metric(_KIND_BY_NAME[name])
+        keys = sorted(self.metrics)
+        summed = [(k, s) for k in keys for s in _sum_states(self.metrics[k])]
+        if summed:
+            parts = [getattr(self.metrics[k], s) for k, s in summed]
+            flat = torch.cat([p.detach().to("cpu", _F64).reshape(-1) for p in parts])
+            flat = all_reduce_sum(flat.to(device) if device is not None else flat).cpu()
+            for (k, s), old, v in zip(summed, parts, flat.split([p.numel() for p in parts])):
+                setattr(self.metrics[k], s, v.to(old.device, old.dtype).reshape(old.shape))
+        out: dict[str, Tensor] = {}
+        with warnings.catch_warnings():  # a key another rank reported was never updated here
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            for k in keys:
+                m = self.metrics[k]
+                if not _only_sum_states(m):
+                    m.sync()
+                value = m.compute()
+                if isinstance(value, dict):  # "train/entropy_" -> train/entropy_p10; "val/" -> val/pass@4
+                    out.update({f"{k}{sub}": v for sub, v in value.items()})
+                else:
+                    out[k] = value
+                m.reset()
+        return out
+
+
+def _new_metric(kind: Callable[..., Metric]) -> Metric:
+    if isinstance(kind, type):
+        _KIND_BY_NAME.setdefault(kind.__name__, kind)
+    # the bank syncs the sum states itself, in one collective
+    return kind(sync_on_compute=False)
+
+
+def _sum_states(m: Metric) -> list[str]:
+    return [
+        s for s, fx in m._reductions.items() if fx is dim_zero_sum and isinstance(getattr(m, s), Tensor)
+    ] if _only_sum_states(m) else []
+
+
+def _only_sum_states(m: Metric) -> bool:
+    return all(fx is dim_zero_sum for fx in m._reductions.values())
+
+
+_KIND_BY_NAME: dict[str, type[Metric]] = {}
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of one RL step (``with timer("generate"): ...``), summed over
+    repeated entries; CUDA work is synchronised at the edges so the time lands in its phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        _sync_cuda()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync_cuda()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def _sync_cuda() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

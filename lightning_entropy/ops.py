@@ -77,10 +77,10 @@ def _chunk_grad(
 ) -> Tensor:
     """d(sum g_lp * log p_t + g_ent * H)/dz for an owned fp32 chunk ``z`` (clobbered, returned)."""
     z.sub_(lse[:, None])  # log p
-    p = z.exp()
-    if g_ent is None:
-        gz = p.mul_(-g_lp[:, None])
-    else:  # -p * (g_lp + g_ent * (log p + H))
+    if g_ent is None:  # -p * g_lp, in place: one buffer
+        gz = z.exp_().mul_(-g_lp[:, None])
+    else:
+        p = z.exp()  # -p * (g_lp + g_ent * (log p + H))
         z.clamp_(min=_LOGP_FLOOR).add_(ent[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None])
         gz = z.mul_(p).neg_()
         del p
@@ -102,6 +102,7 @@ class _LogpEntropy(torch.autograd.Function):
             logp[i:j] = lp
             if e is not None:
                 ent[i:j] = e
+            del z
         ctx.save_for_backward(logits, tflat, lse, ent)
         ctx.temperature, ctx.chunk_size, ctx.entropy_grad = temperature, chunk_size, entropy_grad
         logp, ent = logp.view(targets.shape), ent.view(targets.shape) if compute_entropy else ent
@@ -130,6 +131,7 @@ class _LogpEntropy(torch.autograd.Function):
                 None if g_h is None else g_h[i:j],
             )
             gflat[i:j] = gz.div_(T) if T != 1.0 else gz
+            del z, gz  # or the next chunk's buffers are made while these are still alive
         return grad, None, None, None, None, None
 
 

@@ -1,9 +1,13 @@
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from lightning_entropy import ops
 from lightning_entropy.ops import (
     logprobs_and_entropy,
     logprobs_and_entropy_from_hidden,
@@ -308,3 +312,43 @@ def test_peak_memory_stays_below_one_fp32_copy():
     # the bf16 gradient (n*v*2 bytes) plus a few fp32 [chunk, V] buffers, never n*v*4
     assert chunked < n * v * 2 + 4 * chunk * v * 4 + 64 * n < full_fp32
     assert naive > 2 * full_fp32
+
+
+class _LiveBuffers(TorchDispatchMode):
+    """Peak bytes of the large tensors the ops allocate inside the mode (views and in-place results,
+    which share an input's storage, are not allocations)."""
+
+    def __init__(self, min_bytes: int) -> None:
+        super().__init__()
+        self.min_bytes, self.live, self.peak = min_bytes, 0, 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                n = t.untyped_storage().nbytes()
+                if n >= self.min_bytes and t.untyped_storage().data_ptr() not in inputs:
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, n)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_backward_keeps_at_most_two_fp32_chunks_beside_the_logits_gradient(dtype, entropy_grad):
+    B, T, V, C = 4, 32, 5000, 16
+    logits = torch.randn(B, T, V, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, V, (B, T))
+    chunk_bytes = C * V * 4
+    mode = _LiveBuffers(min_bytes=chunk_bytes // 4)
+    with mode:
+        lp, h = ops.logprobs_and_entropy(logits, targets, chunk_size=C, entropy_grad=entropy_grad, temperature=0.7)
+        (lp.sum() + (h.sum() if entropy_grad else 0)).backward()
+    grad_bytes = logits.numel() * logits.element_size()
+    assert mode.peak <= grad_bytes + 2 * chunk_bytes, (mode.peak - grad_bytes) / chunk_bytes
+    assert mode.peak >= grad_bytes + chunk_bytes  # the probe sees the chunk buffers at all

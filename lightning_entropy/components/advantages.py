@@ -35,6 +35,8 @@ class GRPOAdvantage(AdvantageEstimator):
     one gets mean 0, std 1 (verl), so its advantage is the raw reward.
     """
 
+    needs_old_pass = False
+
     def __init__(self, *, eps: float = 1e-6, norm_std: bool = True) -> None:
         self.eps = eps
         self.norm_std = norm_std
@@ -54,6 +56,8 @@ class DrGRPOAdvantage(AdvantageEstimator):
     Pair with ``loss.agg: seq-mean-token-sum-norm`` (a constant normaliser, no 1/|o_i|).
     """
 
+    needs_old_pass = False
+
     def __call__(self, batch: RolloutBatch) -> Tensor:
         mean, _ = group_mean_std(batch.rewards, batch.group_ids)
         return broadcast_to_tokens(batch.rewards.float() - mean, batch.response_mask)
@@ -65,6 +69,8 @@ class RLOOAdvantage(AdvantageEstimator):
 
     A group of one keeps its raw reward (verl).
     """
+
+    needs_old_pass = False
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = batch.rewards.float()

@@ -23,6 +23,10 @@ class Component(ABC):
     # Optional RolloutBatch fields this component reads; the module fills them only when asked:
     # "ref_logprobs", "self_certainty", "sampled_logits", "paired_rewards".
     requires: ClassVar[frozenset[str]] = frozenset()
+    # Reads pi_old's log-probs or entropy before the update's first forward (at rollout time, in
+    # ``prepare`` or in mini-batch selection). Only when no component does, an on-policy step skips
+    # the old-policy pass and takes them from the update's forward; so the default is True.
+    needs_old_pass: ClassVar[bool] = True
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -43,6 +47,7 @@ class Component(ABC):
 
 
 class Sampler(Component):
+    needs_old_pass: ClassVar[bool] = False
     @abstractmethod
     def generate(
         self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any
@@ -53,6 +58,7 @@ class Reward(Component):
     # Rewards that score from the policy's own statistics (entropy, ...) set this and implement
     # ``score_batch``; the module then calls it after the old-policy recompute.
     needs_policy_stats: ClassVar[bool] = False
+    needs_old_pass: ClassVar[bool] = False  # policy-stat rewards are scored after the pass anyway
 
     @abstractmethod
     def __call__(
@@ -92,6 +98,11 @@ class PolicyLoss(Component):
     def prepare(self, batch: RolloutBatch) -> None:
         """Mini-batch-scope statistics, computed once before the micro-batch loop."""
 
+    @property
+    def needs_old_pass(self) -> bool:  # type: ignore[override]
+        # the loss call itself gets pi_old filled in; only `prepare` runs before any forward
+        return type(self).prepare is not PolicyLoss.prepare
+
     @abstractmethod
     def __call__(
         self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
@@ -111,6 +122,10 @@ class EntropyRegularizer(Component):
 
     def prepare(self, batch: RolloutBatch) -> None:
         """Mini-batch-scope statistics, computed once before the micro-batch loop."""
+
+    @property
+    def needs_old_pass(self) -> bool:  # type: ignore[override]
+        return type(self).prepare is not EntropyRegularizer.prepare
 
     @abstractmethod
     def __call__(

@@ -33,6 +33,17 @@ from lightning_entropy.registry import register
 Eps = float | Tensor
 
 
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
+    """Per-token estimators of KL(pi || pi_ref) from sampled tokens (Schulman's k1, k2, k3)."""
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.pow(2)
+    # k3 = exp(ref - logp) - (ref - logp) - 1, clamped like verl for stability
+    return (torch.exp(-log_ratio) + log_ratio - 1).clamp(-10, 10)
+
+
 def importance_ratio(logprobs: Tensor, old_logprobs: Tensor) -> tuple[Tensor, Tensor]:
     """r = exp(clamp(log pi - log pi_old, -20, 20)) and the clamped log-ratio (verl)."""
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)

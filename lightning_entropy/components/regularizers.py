@@ -424,8 +424,8 @@ class AEPO(EntropyRegularizer):
     the previous step's mean current-policy entropy H <= ``entropy_target`` else at ``temp_low``;
     samples with group-normalised advantage > ``adv_threshold`` are kept, and the first
     k = min(ceil(n_reinforce / world_size), #kept) of them (halved when H > target) replace the first
-    k rows of the batch with advantage 1 (``info["advantage_override"]``, applied by the module after
-    the estimator) and fresh group ids, so they leave the remaining groups' statistics alone (the
+    k rows of the batch with advantage 1 (``batch.advantage_override``, applied after the estimator)
+    and fresh group ids, so they leave the remaining groups' statistics alone (the
     official code scored those groups before the swap). H starts at 0 like the official trainer.
     Defaults: ``examples/qwen-math-7b-AEPO.sh`` (target 0.5, T 1.2 / 0.8, 60 samples); the commit
     07f16ff4 of the official trainer re-samples every prompt, METHODS.md's reading the first quarter.
@@ -478,10 +478,13 @@ class AEPO(EntropyRegularizer):
             return batch
         picked = extra.index(kept[:k])
         picked.group_ids = torch.arange(base, base + k, device=gid.device, dtype=gid.dtype)
-        picked.info = [{**i, "advantage_override": 1.0, "aepo_reinforce": True} for i in picked.info]
+        picked.info = [{**i, "aepo_reinforce": True} for i in picked.info]
+        picked.advantage_override = torch.ones(k, device=gid.device)
+        rest = batch.index(list(range(k, batch.size)))
+        rest.advantage_override = torch.full((rest.size,), math.nan, device=gid.device)
         pads = batch.response_ids[batch.response_mask == 0]
         pad_id = int(pads[0]) if pads.numel() else 0
-        return RolloutBatch.cat([picked, batch.index(list(range(k, batch.size)))], pad_id=pad_id)
+        return RolloutBatch.cat([picked, rest], pad_id=pad_id)
 
     def __call__(
         self, logits: Tensor | None, logprobs: Tensor, entropy: Tensor, batch: RolloutBatch, step: int

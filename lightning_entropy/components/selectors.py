@@ -94,6 +94,8 @@ def record_selection(
 class AllTokens(TokenSelector):
     """Every response token with weight 1 (the standard policy gradient)."""
 
+    needs_old_pass = False
+
     def __call__(self, batch: RolloutBatch) -> Tensor:
         return batch.response_mask.float()
 

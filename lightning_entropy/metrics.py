@@ -300,6 +300,7 @@ class MetricBank:
 
     def __init__(self) -> None:
         self.metrics: dict[str, Metric] = {}
+        self.updated: set[str] = set()  # keys updated since the last compute
 
     def update(self, key: str, *args: Any, kind: Callable[..., Metric] | None = None) -> None:
         m = self.metrics.get(key)
@@ -308,6 +309,7 @@ class MetricBank:
             if args and isinstance(args[0], Tensor):
                 m.to(args[0].device)
         m.update(*args)
+        self.updated.add(key)
 
     def tokens(self, key: str, values: Any, mask: Tensor) -> None:
         """A component statistic: a [B, T] tensor averaged over the masked tokens, else one value."""
@@ -323,14 +325,16 @@ class MetricBank:
         if is_distributed():
             import torch.distributed as dist
 
-            mine = {k: type(m).__name__ for k, m in self.metrics.items()}
+            mine = {k: type(self.metrics[k]).__name__ for k in self.updated}
             gathered: list[dict[str, str]] = [{} for _ in range(dist.get_world_size())]
             dist.all_gather_object(gathered, mine)
             for other in gathered:
                 for k, name in other.items():
+                    self.updated.add(k)
                     if k not in self.metrics:
                         self.metrics[k] = _new_metric(_KIND_BY_NAME[name])
-        keys = sorted(self.metrics)
+        keys = sorted(self.updated)
+        self.updated = set()
         summed = [(k, s) for k in keys for s in _sum_states(self.metrics[k])]
         if summed:
             parts = [getattr(self.metrics[k], s) for k, s in summed]

@@ -10,14 +10,12 @@ can wrap it at init), manual optimisation, validation, and the checkpointed RL s
 
 from __future__ import annotations
 
-import random
 import time
 import warnings
 from functools import partial
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +26,7 @@ from lightning_entropy.forward import PolicyForward
 from lightning_entropy.health import HealthMonitor
 from lightning_entropy.metrics import MetricBank, PassAtK, PhaseTimer, SumRatio
 from lightning_entropy.models import load_policy, load_tokenizer
+from lightning_entropy.rng import rng_state, set_rng_state
 from lightning_entropy.update import PolicyUpdate, UpdateSchedule, build_optimizer
 
 TASK_REWARDS = {"arithmetic": "exact_match", "countdown": "countdown"}
@@ -233,7 +232,7 @@ class RLVRModule(L.LightningModule):
             "rl_step": self.rl_step,
             "health": self.health.state_dict(),
             "components": {s: c.state_dict() for s, c in self.components.items()},
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
@@ -243,35 +242,13 @@ class RLVRModule(L.LightningModule):
         self.health.load_state_dict(state.get("health", {}))
         for s, c in self.components.items():
             c.load_state_dict(state["components"].get(s, {}))
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
 
 def _extra_examples(dm: Any, step: int, rank: int, round_: int, n: int) -> list[Any]:
     if dm is None or not hasattr(dm, "extra_examples"):
         raise RuntimeError("algo.dynamic_sampling needs a data module that can draw extra prompts")
     return dm.extra_examples(step, round_, n, rank)
-
-
-def _rng_state() -> dict[str, Any]:
-    """RNG streams as tensors and plain Python values, so checkpoints load with weights_only=True."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "python": [version, list(py_state), gauss],
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    kind, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, py_state, gauss = rng["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 __all__ = ["RLVRModule"]

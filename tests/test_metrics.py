@@ -372,3 +372,57 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for m, m0, r2 in zip(single, rank0_only, two):
         assert _close(m.compute(), r2, 1e-6), type(m).__name__
         assert not _close(m0.compute(), r2, 1e-6), type(m).__name__  # the states were really synced
+
+
+def _bank_feed(bank, part):
+    from lightning_entropy.metrics import Covariance, SumRatio, TokenQuantiles
+
+    x, y, m = part
+    bank.update("h", x, m)
+    bank.update("h_", x, m, kind=TokenQuantiles)
+    bank.update("cov", x, y, m, kind=Covariance)
+    bank.update("loss", x.sum(), 1.0, kind=SumRatio)
+
+
+def _bank_parts():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    m = (torch.rand(6, 5, generator=g) > 0.3).float()
+    return (x[:2], y[:2], m[:2]), (x[2:], y[2:], m[2:])  # ranks hold different token counts
+
+
+def _bank_worker(rank, world, port, out):
+    from lightning_entropy.metrics import MetricBank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        bank = MetricBank()
+        _bank_feed(bank, _bank_parts()[rank])
+        if rank == 1:
+            bank.update("only_rank1", torch.tensor([4.0]))  # the other rank never saw this key
+        got = {k: float(v) for k, v in bank.compute().items()}
+        if rank == 0:
+            torch.save(got, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metric_bank_pools_ranks_like_one_process(tmp_path):
+    from lightning_entropy.metrics import MetricBank
+
+    single = MetricBank()
+    for part in _bank_parts():
+        _bank_feed(single, part)
+    expected = {k: float(v) for k, v in single.compute().items()}
+    assert set(expected) == {"h", "h_p10", "h_p50", "h_p90", "cov", "loss"}
+    x, _, m = (torch.cat(t) for t in zip(*_bank_parts()))
+    assert expected["h"] == pytest.approx(float((x * m).sum() / m.sum()), rel=1e-6)
+    assert expected["loss"] == pytest.approx(float(x.sum()) / 2, rel=1e-6)  # one count per part
+    out = str(tmp_path / "bank.pt")
+    run_two_ranks(_bank_worker, out)
+    got = torch.load(out)
+    assert got.pop("only_rank1") == pytest.approx(4.0)
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert single.compute() == {}  # compute resets the bank for the next step

@@ -41,7 +41,7 @@ class GRPOAdvantage(AdvantageEstimator):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         mean, std = group_mean_std(batch.rewards, batch.group_ids)
-        adv = batch.rewards.float() - mean
+        adv = batch.rewards.double() - mean
         if self.norm_std:
             adv = adv / (std + self.eps)
         return broadcast_to_tokens(adv, batch.response_mask)
@@ -56,7 +56,7 @@ class DrGRPOAdvantage(AdvantageEstimator):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         mean, _ = group_mean_std(batch.rewards, batch.group_ids)
-        return broadcast_to_tokens(batch.rewards.float() - mean, batch.response_mask)
+        return broadcast_to_tokens(batch.rewards.double() - mean, batch.response_mask)
 
 
 @register("advantage", "rloo")
@@ -67,8 +67,8 @@ class RLOOAdvantage(AdvantageEstimator):
     """
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
-        n = group_count(batch.group_ids)
+        r = batch.rewards.double()
+        n = group_count(batch.group_ids, dtype=torch.float64)
         mean, _ = group_mean_std(r, batch.group_ids)
         adv = torch.where(n > 1, (r - mean) * n / (n - 1).clamp_min(1), r)
         return broadcast_to_tokens(adv, batch.response_mask)
@@ -118,13 +118,19 @@ def _group_quantile(values: Tensor, gidx: Tensor, n_groups: int, q: float, inter
 def _keyed_stats(
     values: Tensor, keys: Tensor, n_keys: int, weight: Tensor, unbiased: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Weighted mean and std of ``values`` per key, returned per element, with each key's total weight."""
+    """Weighted mean and std of ``values`` per key (float64), returned per element, with each key's
+    total weight. A key whose weighted values are all equal gets exactly that value and std 0."""
     v, w = values.double(), weight.double()
     zeros = torch.zeros(n_keys, dtype=torch.float64, device=v.device)
     tot = zeros.index_add(0, keys, w)
     mean = zeros.index_add(0, keys, w * v) / tot.clamp_min(1e-12)
+    lo = torch.full_like(zeros, math.inf).scatter_reduce(0, keys, torch.where(w > 0, v, math.inf), "amin")
+    hi = torch.full_like(zeros, -math.inf).scatter_reduce(0, keys, torch.where(w > 0, v, -math.inf), "amax")
+    equal = lo == hi
+    mean = torch.where(equal, lo, mean)
     sq = zeros.index_add(0, keys, w * (v - mean[keys]) ** 2)
     std = (sq / ((tot - 1).clamp_min(1) if unbiased else tot.clamp_min(1e-12))).sqrt()
+    std = torch.where(equal, 0.0, std)
     return mean[keys], std[keys], tot[keys]
 
 
@@ -192,11 +198,11 @@ class QAEAdvantage(AdvantageEstimator):
         self.k, self.interpolation, self.norm_std, self.eps = k, interpolation, norm_std, eps
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         mean, std = group_mean_std(r, batch.group_ids)
         if 0.0 < self.k < 1.0:
             gidx, n_groups = group_index(batch.group_ids)
-            quant = _group_quantile(r, gidx, n_groups, self.k, self.interpolation)[gidx].float()
+            quant = _group_quantile(r, gidx, n_groups, self.k, self.interpolation)[gidx]
             mean = torch.where(group_count(batch.group_ids) > 1, quant, mean)
         adv = r - mean
         if self.norm_std:
@@ -248,7 +254,7 @@ class CANONAdvantage(AdvantageEstimator):
         self.max_response_length = max_response_length
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         mask = batch.response_mask.float()
         if self.metric == "entropy":
             _need(batch, "entropy")
@@ -259,7 +265,7 @@ class CANONAdvantage(AdvantageEstimator):
         rank, _, counts = _rank_in_group(m, gidx, n_groups)
         n = counts[gidx]
         high = rank >= n // 2
-        n_high = group_sum(high.float(), batch.group_ids)
+        n_high = group_sum(high.double(), batch.group_ids)
         mu_high = group_sum(torch.where(high, r, 0.0), batch.group_ids) / n_high.clamp_min(1)
         mu_low = group_sum(torch.where(high, 0.0, r), batch.group_ids) / (n - n_high).clamp_min(1)
         mu_high = torch.where(n > 1, mu_high, 0.0)
@@ -269,12 +275,12 @@ class CANONAdvantage(AdvantageEstimator):
         inter = inter + torch.where(high, self.beta, -self.beta)
         lam = r.new_tensor(self.lam)
         if self.anneal:
-            mean_r = _global_mean(r).float()
+            mean_r = _global_mean(r)
             lam = 1.0 - mean_r if self.anneal_schedule == "inter_first" else mean_r
         adv = lam * inter + (1.0 - lam) * (r - own)
         if self.max_response_length is not None:
             adv = adv / self.max_response_length
-        self.metrics["lambda"] = lam
+        self.metrics["lambda"] = lam.float()
         return broadcast_to_tokens(adv, batch.response_mask)
 
 
@@ -441,10 +447,10 @@ class MAPOAdvantage(AdvantageEstimator):
         self.eps = eps
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
-        n = group_count(batch.group_ids)
+        r = batch.rewards.double()
+        n = group_count(batch.group_ids, dtype=torch.float64)
         mean, std = group_mean_std(r, batch.group_ids)
-        p = group_sum((r == 1.0).float(), batch.group_ids) / n
+        p = group_sum((r == 1.0).double(), batch.group_ids) / n
         lam = 4.0 * p * (1.0 - p)
         adv = lam * (r - mean) / (std + self.eps) + (1.0 - lam) * (r - mean) / (mean + self.eps)
         return broadcast_to_tokens(torch.where(n > 1, adv, r), batch.response_mask)
@@ -476,12 +482,12 @@ class AAPOAdvantage(AdvantageEstimator):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         _need(batch, "paired_rewards")
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         mean, std = group_mean_std(r, batch.group_ids)
         adv = r - mean
         if self.scale_rewards:
             adv = adv / (std + self.eps)
-        momentum = (r - batch.paired_rewards.float()).clamp(-self.clip_low, self.clip_high)
+        momentum = (r - batch.paired_rewards.double()).clamp(-self.clip_low, self.clip_high)
         self.metrics["momentum"] = _global_mean(momentum).float()
         return broadcast_to_tokens(adv + momentum, batch.response_mask)
 
@@ -519,8 +525,8 @@ class UCASAdvantage(AdvantageEstimator):
     def __call__(self, batch: RolloutBatch) -> Tensor:
         _need(batch, "self_certainty", "sampled_logits")
         mask = batch.response_mask.float()
-        r = batch.rewards.float()
-        c = masked_sum(batch.self_certainty.float(), mask, dim=-1)
+        r = batch.rewards.double()
+        c = masked_sum(batch.self_certainty.double(), mask.double(), dim=-1)
         r_mean, r_std = group_mean_std(r, batch.group_ids)
         c_mean, c_std = group_mean_std(c, batch.group_ids)
         adv, c_hat = r - r_mean, c - c_mean
@@ -538,7 +544,7 @@ class UCASAdvantage(AdvantageEstimator):
         scaled = (adv * mod)[:, None]
         raw = scaled - self.gamma * l_hat
         self.metrics["modulation"] = _global_mean(mod).float()
-        return torch.where(scaled > 0, raw.clamp_min(0), raw) * mask
+        return (torch.where(scaled > 0, raw.clamp_min(0), raw) * mask).float()
 
 
 @register("advantage", "egsw")
@@ -738,11 +744,11 @@ class OPOAdvantage(AdvantageEstimator):
     """
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         gidx, n_groups = group_index(batch.group_ids)
-        base, _, tot = _keyed_stats(r, gidx, n_groups, batch.lengths.float(), unbiased=False)
+        base, _, tot = _keyed_stats(r, gidx, n_groups, batch.lengths.double(), unbiased=False)
         mean, _ = group_mean_std(r, batch.group_ids)
-        base = torch.where(tot > 0, base.float(), mean)
+        base = torch.where(tot > 0, base, mean)
         base = torch.where(group_count(batch.group_ids) > 1, base, 0.0)
         return broadcast_to_tokens(r - base, batch.response_mask)
 
@@ -762,7 +768,7 @@ class ReinforcePPBaselineAdvantage(AdvantageEstimator):
     def __call__(self, batch: RolloutBatch) -> Tensor:
         mask = batch.response_mask.double()
         mean, _ = group_mean_std(batch.rewards, batch.group_ids)
-        x = (batch.rewards.double() - mean.double())[:, None] * mask
+        x = (batch.rewards.double() - mean)[:, None] * mask
         s1 = all_reduce_sum(torch.stack([x.sum(), mask.sum()]))
         n = s1[1]
         mu = s1[0] / n.clamp_min(1)

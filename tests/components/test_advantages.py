@@ -676,3 +676,55 @@ def test_statistics_are_taken_across_ranks(tmp_path) -> None:
             assert torch.allclose(adv, ref[rows], atol=1e-5), name
             for key, value in metrics.items():
                 assert torch.allclose(value.float(), est.metrics[key].float(), atol=1e-5), (name, key)
+
+
+# ---- issue 11: fidelity -----------------------------------------------------------------------
+
+
+def _equal_batch(value: float, dtype: torch.dtype = torch.float32) -> RolloutBatch:
+    """Two groups of eight equal, non-dyadic rewards; ragged lengths with an empty and a truncated
+    response; constant entropy, certainty and logits, and paired rewards equal to the rewards."""
+    lengths = [0, 6, 3, 6, 5, 1, 2, 4] * 2
+    B = len(lengths)
+    batch = make_batch(
+        [value] * B,
+        [0] * 8 + [1] * 8,
+        lengths=lengths,
+        T=6,
+        entropy=torch.full((B, 6), 0.7),
+        self_certainty=torch.full((B, 6), 2.0),
+        sampled_logits=torch.full((B, 6), 3.0),
+    )
+    batch.rewards = torch.full((B,), value, dtype=dtype)
+    batch.paired_rewards = batch.rewards.clone()
+    return batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [0.9, 0.3, 1 / 3])
+@pytest.mark.parametrize("name", ADVANTAGES.names())
+def test_all_equal_non_dyadic_rewards_give_exactly_zero(name: str, value: float, dtype: torch.dtype) -> None:
+    # METHODS.md §0: an all-equal group has no signal; float32 group statistics used to leave
+    # rounding noise (grpo -0.056 on eight 0.9s). UCAS keeps its -gamma*lhat token penalty: with equal
+    # logits lhat = 0.5, so every valid token gets exactly -0.05 * 0.5.
+    batch = _equal_batch(value, dtype)
+    adv = build(name)(batch)
+    mask = batch.response_mask.bool()
+    expected = torch.where(mask, -0.025 if name == "ucas" else 0.0, 0.0)
+    assert torch.equal(adv, expected.to(adv.dtype)), (name, adv[mask].unique())
+
+
+def test_ucas_all_equal_rewards_take_the_penalty_branch() -> None:
+    # eight 0.9 rewards: A_i m_i is exactly 0, so the branch is the unfloored one: A_t = -gamma * lhat_t
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 4 + [[4.0, 5.0, 6.0, 7.0]] * 4)
+    batch = make_batch(
+        [0.9] * 8,
+        [0] * 8,
+        lengths=[4] * 8,
+        self_certainty=torch.arange(32.0).view(8, 4),
+        sampled_logits=logits,
+    )
+    adv = build("ucas")(batch)
+    lhat = logits / (7.0 + 1e-6)
+    assert torch.allclose(adv, -0.05 * lhat, atol=1e-7)
+    assert (adv[:, 0] <= 0).all() and adv[0, 0] == 0  # the lowest logit: exactly 0, never positive

@@ -715,25 +715,100 @@ class RiskPOAdvantage(AdvantageEstimator):
         self.q_track = (q + self.lr_q * (levels - below)).tolist()
 
 
+def _comb(n: int, k: int) -> int:
+    """Binomial coefficient, 0 outside 0 <= k <= n (scipy's ``comb`` convention)."""
+    return math.comb(n, k) if 0 <= k <= n else 0
+
+
+def passk_analytic(n: int, c: int, k: int, eps: float = 1e-6) -> tuple[float, float]:
+    """Pass@k Training's analytic advantages (A_pos, A_neg) for a group of n responses, c correct.
+
+    rho = 1 - C(n-c, k)/C(n, k), sigma = sqrt(rho (1 - rho)); A_pos = (1 - rho)/(sigma + eps),
+    A_neg = (1 - rho - C(n-c-1, k-1)/C(n-1, k-1))/(sigma + eps). Requires 1 <= k <= n.
+    """
+    rho = 1.0 - _comb(n - c, k) / _comb(n, k)
+    sigma = math.sqrt(max(rho * (1.0 - rho), 0.0))
+    a_pos = (1.0 - rho) / (sigma + eps)
+    a_neg = (1.0 - rho - _comb(n - c - 1, k - 1) / _comb(n - 1, k - 1)) / (sigma + eps)
+    return a_pos, a_neg
+
+
 @register("advantage", "passk")
 class PassKAdvantage(AdvantageEstimator):
-    """Best-minus-second (leave-one-out max) baseline for pass@k-style training, after "Pass@k Training
-    for Adaptively Balancing Exploration and Exploitation", arXiv 2508.10751:
-    A_i = r_i - max_{j != i in g} r_j. Only a unique best response gets a positive advantage (best minus
-    second best); tied best responses get 0, every other one r_i - best <= 0. All-equal groups give 0; a
-    group of one has no other sample and keeps its raw reward (baseline 0, as verl).
+    """Pass@k advantages, two published forms.
+
+    ``variant="analytic"`` (default): "Pass@k Training for Adaptively Balancing Exploration and
+    Exploitation", arXiv 2508.10751, code RUCAIBox/Passk_Training ``code/passk_adv.py: calc_adv``.
+    For a group of n responses with c correct (r > ``success_threshold``):
+    rho = 1 - C(n-c, k)/C(n, k), sigma = sqrt(rho (1 - rho)),
+    A_pos = (1 - rho)/(sigma + eps),  A_neg = (1 - rho - C(n-c-1, k-1)/C(n-1, k-1))/(sigma + eps).
+    When fewer than k responses are wrong, every k-subset passes (rho = 1) and the group gets 0; an
+    all-wrong group gets 0. The code maps only rewards exactly 1 and 0 and leaves any other value
+    unchanged as its advantage; here partial credit is binarised at ``success_threshold`` (identical
+    for binary rewards). A group smaller than k uses k = n (pass@k needs n >= k).
+
+    ``variant="verl"``: verl ``compute_grpo_passk_outcome_advantage`` (after arXiv 2503.19595): the
+    group's best response (first in batch order on ties) gets r_max - r_second, divided by the
+    group's unbiased std + eps when ``norm_std`` (verl's default ``norm_adv_by_std_in_grpo``); every
+    other response gets 0. verl rejects groups of one; here a group of one keeps its raw reward
+    (METHODS.md §0's convention).
+
+    METHODS.md has no pass@k entry; the default is the analytic form because it is the cited paper's
+    own method and code (verl's is a different paper's best-of-n baseline). k = 4 is this framework's
+    choice ([UNVERIFIED] as the paper's main setting); eps = 1e-6 is the code's constant.
     """
 
+    def __init__(
+        self,
+        *,
+        variant: str = "analytic",
+        k: int = 4,
+        success_threshold: float = 0.5,
+        norm_std: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
+        if variant not in ("analytic", "verl"):
+            raise ValueError(f"variant must be 'analytic' or 'verl', got {variant!r}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.variant, self.k, self.threshold, self.norm_std, self.eps = (
+            variant,
+            k,
+            success_threshold,
+            norm_std,
+            eps,
+        )
+
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         gidx, n_groups = group_index(batch.group_ids)
-        rank, order, counts = _rank_in_group(-r, gidx, n_groups)  # rank 0 = a best response
+        if self.variant == "analytic":
+            adv = self._analytic(r, gidx, n_groups)
+        else:
+            adv = self._verl(r, batch.group_ids, gidx, n_groups)
+        return broadcast_to_tokens(adv, batch.response_mask)
+
+    def _analytic(self, r: Tensor, gidx: Tensor, n_groups: int) -> Tensor:
+        success = r > self.threshold
+        counts = torch.bincount(gidx, minlength=n_groups).tolist()
+        correct = torch.bincount(gidx, weights=success.double(), minlength=n_groups).round().long().tolist()
+        table = [passk_analytic(n, c, min(self.k, n), self.eps) for n, c in zip(counts, correct)]
+        a = r.new_tensor(table)  # [G, 2]: (A_pos, A_neg)
+        return torch.where(success, a[gidx, 0], a[gidx, 1])
+
+    def _verl(self, r: Tensor, group_ids: Tensor, gidx: Tensor, n_groups: int) -> Tensor:
+        rank, order, counts = _rank_in_group(-r, gidx, n_groups)  # rank 0: the first best response
         starts = torch.cumsum(counts, 0) - counts
         best = r[order[starts]]
         second = r[order[torch.minimum(starts + 1, starts + counts - 1)]]
-        others_best = torch.where(rank == 0, second[gidx], best[gidx])
-        adv = torch.where(counts[gidx] > 1, r - others_best, r)
-        return broadcast_to_tokens(adv, batch.response_mask)
+        gap = (best - second)[gidx]
+        if self.norm_std:
+            _, std = group_mean_std(r, group_ids)
+            gap = gap / (std + self.eps)
+        adv = torch.where(rank == 0, gap, torch.zeros_like(r))
+        return torch.where(counts[gidx] > 1, adv, r)
 
 
 @register("advantage", "opo")

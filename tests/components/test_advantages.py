@@ -158,6 +158,8 @@ def test_truncation_flag_is_not_read(name: str) -> None:
         ("egsw", {"mode": "token"}),
         ("riskpo", {"alpha": 0.9, "beta": 0.2}),
         ("riskpo", {"bundle_size": 0}),
+        ("passk", {"variant": "best"}),
+        ("passk", {"k": 0}),
         ("riskpo", {"credit": "shapley"}),
         ("riskpo", {"quantile_mode": "mix"}),
         ("riskpo", {"lr_q": 0.0}),
@@ -583,15 +585,55 @@ def test_riskpo_edges() -> None:
 # ---- pass@k best-minus-second, OPO, REINFORCE++-baseline, HAPO -------------------------------
 
 
-def test_passk_hand_case_and_edges() -> None:
+def test_passk_verl_best_minus_second_others_zero() -> None:
+    # verl compute_grpo_passk_outcome_advantage: only the group's best response moves, by r_max - r_second
     batch = make_batch(
-        [0.1, 0.7, 0.4, 0.2, 0.9, 0.5, 0.9, 1, 1, 0, 0, 0.3], [0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4]
+        [0.1, 0.7, 0.4, 1, 1, 1, 0, 1, 0.2, 0.9, 0.5, 0.9, 0.3], [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3]
     )
-    adv = seq(build("passk")(batch))
-    expected = [0.1 - 0.7, 0.7 - 0.4, 0.4 - 0.7, 0.2 - 0.9, 0.0, 0.5 - 0.9, 0.0, 0, 0, 0, 0, 0.3]
-    assert torch.allclose(adv, torch.tensor(expected), atol=1e-6)
-    binary = seq(build("passk")(make_batch([0, 1, 0, 0], [0] * 4)))
-    assert torch.equal(binary, torch.tensor([-1.0, 1, -1, -1]))
+    raw = seq(build("passk", variant="verl", norm_std=False)(batch))
+    # [1,1,1,0,1]: r_max = r_second = 1 -> all 0 (the old estimator gave -1 to the 0); ties at 0.9 -> 0;
+    # a group of one keeps its reward
+    assert torch.allclose(raw, torch.tensor([0, 0.3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.3]), atol=1e-7)
+    normed = seq(build("passk", variant="verl")(batch))
+    assert normed[1].item() == pytest.approx(0.3 / (0.3 + 1e-6), abs=1e-6)  # std([0.1, 0.7, 0.4]) = 0.3
+    assert (normed[[0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]] == 0).all()
+    single = make_batch([0, 1, 0, 0], [0] * 4)
+    assert torch.allclose(
+        seq(build("passk", variant="verl", norm_std=False)(single)), torch.tensor([0.0, 1, 0, 0])
+    )
+
+
+def test_passk_analytic_hand_cases() -> None:
+    # n=4, c=1, k=2: rho = 1 - C(3,2)/C(4,2) = 1/2, sigma = 1/2; A+ = (1/2)/s, A- = (1/2 - C(2,1)/C(3,1))/s
+    s = 0.5 + 1e-6
+    adv = seq(build("passk", k=2)(make_batch([0, 1, 0, 0], [0] * 4)))
+    assert torch.allclose(adv, torch.tensor([-1 / 6 / s, 0.5 / s, -1 / 6 / s, -1 / 6 / s]).float(), atol=1e-6)
+    # n=5, c=2, k=3: rho = 1 - C(3,3)/C(5,3) = 0.9, sigma = 0.3; A+ = 0.1/s, A- = (0.1 - C(2,2)/C(4,2))/s
+    s = 0.3 + 1e-6
+    adv = seq(build("passk", k=3)(make_batch([1, 0, 0, 1, 0], [0] * 5)))
+    pos, neg = 0.1 / s, (0.1 - 1 / 6) / s
+    assert torch.allclose(adv, torch.tensor([pos, neg, neg, pos, neg]), atol=1e-6)
+    # k = 1 is GRPO with the population std: p = 1/4 -> A+ = 0.75/sqrt(3/16), A- = -0.25/sqrt(3/16)
+    adv = seq(build("passk", k=1)(make_batch([1, 0, 0, 0], [0] * 4)))
+    sd = math.sqrt(3 / 16) + 1e-6
+    assert torch.allclose(adv, torch.tensor([0.75 / sd, -0.25 / sd, -0.25 / sd, -0.25 / sd]), atol=1e-6)
+    # partial credit binarised at 0.5: [0.9, 0.2, 0.6, 0.1] is c=2 of n=4, k=2: rho = 5/6
+    sd = math.sqrt(5 / 36) + 1e-6
+    adv = seq(build("passk", k=2)(make_batch([0.9, 0.2, 0.6, 0.1], [0] * 4)))
+    pos, neg = (1 / 6) / sd, (1 / 6 - 1 / 3) / sd
+    assert torch.allclose(adv, torch.tensor([pos, neg, pos, neg]), atol=1e-6)
+
+
+def test_passk_analytic_edges() -> None:
+    # fewer than k wrong (n - c < k): every k-subset passes, rho = 1 -> 0; all wrong -> 0; all right -> 0
+    for rewards in ([1, 0, 1], [0, 0, 0], [1, 1, 1]):
+        assert (build("passk", k=3)(make_batch(rewards, [0] * 3)) == 0).all()
+    # groups smaller than k use k = n; a group of one gets 0 (rho is 0 or 1); ties are exact
+    adv = seq(build("passk", k=8)(make_batch([1, 0, 1, 0, 1], [0, 0, 1, 1, 2])))
+    # n=2, c=1, k=2: rho = 1 -> 0
+    assert torch.equal(adv, torch.zeros(5))
+    same = build("passk", k=2)(make_batch([1, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1]))
+    assert torch.equal(same[:3], same[3:])
 
 
 def test_opo_hand_case_and_edges() -> None:

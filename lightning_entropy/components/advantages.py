@@ -631,10 +631,17 @@ class RiskPOAdvantage(AdvantageEstimator):
     ``credit``: uniform; std (/ the question's reward std, 1 when <= 1e-3); score (x0.5 if r > 0 else x1.5).
     Responses beyond the smallest group of their bundle get 0; a one-paper bundle has q_a = q_b = S, std 1.
 
-    ``quantile_mode="batch"``: q from each bundle's papers (torch.quantile, linear). ``"track"`` (the
-    script's choice): q from running estimates, updated after each call by one SGD step of size ``lr_q``
-    (the code's default and script value 0.1), q <- q + lr_q (level - mean[S < q]) over all papers; the first
-    call uses the bundle quantiles and then sets the estimates to the batch quantiles (code warm-up).
+    ``quantile_mode="batch"`` (default): q from each bundle's papers (torch.quantile, linear). This is
+    what the official runs compute: the script sets tracking on, but the trainer stores the tracked
+    quantile only after the advantages are computed, on a batch it rebuilds every step, so the tracked
+    value never reaches the advantage. ``"track"`` feeds running estimates into the advantage instead,
+    updated after each call by one SGD step of size ``lr_q`` (the code's value 0.1),
+    q <- q + lr_q (level - mean[S < q]) over all papers; the first call uses the bundle quantiles and
+    then sets the estimates to the batch quantiles (code warm-up).
+
+    Zero-std guard: a bundle whose paper scores are all equal (std 0) is divided by 1, not by eps.
+    In batch mode its numerator is exactly 0 anyway; with tracked quantiles it is not (a bundle where
+    every response is wrong got |A| ~ 5e6), so the guard keeps the tracked signal at its raw scale.
     """
 
     def __init__(
@@ -645,7 +652,7 @@ class RiskPOAdvantage(AdvantageEstimator):
         bundle_size: int = 5,
         w_mix: float = 1.5,
         credit: str = "std",
-        quantile_mode: str = "track",
+        quantile_mode: str = "batch",
         lr_q: float = 0.1,
         norm_std: bool = True,
         eps: float = 1e-6,
@@ -676,15 +683,16 @@ class RiskPOAdvantage(AdvantageEstimator):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         # Bundles may straddle ranks: gather every reward and compute the whole batch's answer on each rank.
-        r_all, g_all = all_gather_cat(batch.rewards.float()), all_gather_cat(batch.group_ids)
+        r_all, g_all = all_gather_cat(batch.rewards.double()), all_gather_cat(batch.group_ids)
         paper_id, in_paper, scores, paper_bundle, n_b = _bundle_papers(r_all, g_all, self.bundle_size)
         _, bundle_std = group_mean_std(scores, paper_bundle)
+        bundle_std = torch.where(bundle_std > 0, bundle_std, 1.0)  # all-equal bundle: no division by eps
         if self.quantile_mode == "track" and self.q_track is not None:
             q_a = torch.full_like(scores, self.q_track[0])
             q_b = torch.full_like(scores, self.q_track[1])
         else:
-            q_a = _group_quantile(scores, paper_bundle, n_b, self.alpha, "linear")[paper_bundle].float()
-            q_b = _group_quantile(scores, paper_bundle, n_b, self.beta, "linear")[paper_bundle].float()
+            q_a = _group_quantile(scores, paper_bundle, n_b, self.alpha, "linear")[paper_bundle]
+            q_b = _group_quantile(scores, paper_bundle, n_b, self.beta, "linear")[paper_bundle]
         g = (scores - q_a).clamp_min(0) - (scores - q_b).clamp_min(0) + (q_a - q_b)
         g = g / (self.beta - self.alpha + self.eps)
         c = -(q_a - scores).clamp_min(0) / (self.alpha + self.eps)
@@ -700,7 +708,7 @@ class RiskPOAdvantage(AdvantageEstimator):
         adv = torch.where(in_paper, adv, 0.0)
         if self.quantile_mode == "track":
             self._track(scores)
-        self.metrics["q_alpha"], self.metrics["q_beta"] = q_a.mean(), q_b.mean()
+        self.metrics["q_alpha"], self.metrics["q_beta"] = q_a.mean().float(), q_b.mean().float()
         start = rank_offset(batch.size, batch.rewards.device)
         return broadcast_to_tokens(adv[start : start + batch.size], batch.response_mask)
 

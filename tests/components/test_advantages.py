@@ -544,7 +544,7 @@ def test_riskpo_credit_modes() -> None:
 
 
 def test_riskpo_quantile_tracking_and_resume() -> None:
-    est = build("riskpo", bundle_size=2, credit="uniform")
+    est = build("riskpo", bundle_size=2, credit="uniform", quantile_mode="track")
     first = est(_risk_batch())  # warm-up: bundle quantiles, then q <- quantile of all papers
     assert torch.allclose(seq(first), torch.tensor(RISK_UNIFORM), atol=1e-4)
     # all papers [1, 0, 2, 1, 0]: torch.quantile at 0.2 -> 0.0, at 0.9 -> 1.6
@@ -559,10 +559,31 @@ def test_riskpo_quantile_tracking_and_resume() -> None:
     assert torch.allclose(seq(second), torch.tensor(expected), atol=1e-4)
     # SGD step: q_a += 0.1 (0.2 - mean[S < 0]) = 0.02; q_b += 0.1 (0.9 - 4/5) = 1.61
     assert est.state_dict()["q_track"] == pytest.approx([0.02, 1.61])
-    resumed = build("riskpo", bundle_size=2, credit="uniform")
+    resumed = build("riskpo", bundle_size=2, credit="uniform", quantile_mode="track")
     resumed.load_state_dict(saved)
     assert torch.equal(resumed(_risk_batch()), second)
     assert resumed.state_dict() == est.state_dict()
+
+
+def test_riskpo_default_is_batch_quantiles() -> None:
+    # the official trainer never feeds its tracked quantile into the advantage: batch is the default
+    est = build("riskpo", bundle_size=2, credit="uniform")
+    assert est.quantile_mode == "batch"
+    for _ in range(2):  # no state carried over: the same answer every call
+        assert torch.allclose(seq(est(_risk_batch())), torch.tensor(RISK_UNIFORM), atol=1e-4)
+    assert est.state_dict() == {"q_track": None}
+
+
+def test_riskpo_tracked_quantiles_on_a_zero_std_bundle_stay_bounded() -> None:
+    est = build("riskpo", bundle_size=2, credit="uniform", quantile_mode="track")
+    est(_risk_batch())  # warm-up: q_track = [0, 1.6]
+    wrong = make_batch([0.0] * 9, [g for g, _ in RISK_ROWS])  # every response wrong: every S = 0, std 0
+    adv = seq(est(wrong))
+    # S = 0 against q_a = 0, q_b = 1.6: g = (0 - 1.6)/(0.7 + 1e-6), c = 0; A = g/2.5, divided by 1 (not eps)
+    a = (-1.6 / (0.7 + 1e-6)) / 2.5 / (1 + 1e-6)
+    in_paper = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)  # row 8, Q20 4th: no paper
+    assert torch.allclose(adv[in_paper], torch.full((8,), a), atol=1e-6)
+    assert (adv[~in_paper] == 0).all() and adv.abs().max() < 1.0  # was 5.5e6-scale before the guard
 
 
 def test_riskpo_std_credit_floor() -> None:
@@ -684,7 +705,7 @@ DIST_CASES = [
     ("ucas", {}),
     ("canon", {"anneal": True}),
     ("riskpo", {"bundle_size": 2, "quantile_mode": "batch"}),  # bundle {2, 3} straddles the ranks
-    ("riskpo", {"bundle_size": 2}),
+    ("riskpo", {"bundle_size": 2, "quantile_mode": "track"}),
     ("qae", {}),
 ]
 

@@ -865,25 +865,41 @@ class HAPOTokenAdvantage(AdvantageEstimator):
     """HAPO token-level group average, arXiv 2509.16591: A_i = (r_i - mu_g) / (sigma_g + eps) with mu_g,
     sigma_g the mean and population std of the reward over all valid tokens of the group (length
     weighted). If any response of the group has |A_i| >= ``fallback`` the whole group takes GRPO's
-    advantage instead (code starriver030515/HAPO@7671dde, which also checks padding positions; here
-    only responses with tokens). A group of one gets 0 (mu = r, as in the code); a group without
-    tokens falls back to GRPO.
+    advantage instead. A group of one gets 0 (mu = r, as in the code); a group without tokens falls
+    back to GRPO.
+
+    Default: the intended test, over responses with tokens only. ``code_padding_quirk=True``
+    reproduces the official ``compute_hapo_outcome_advantage`` (starriver030515/HAPO@7671dde), which
+    normalises the masked score tensor r_i * mask and so also tests every padding position, whose
+    value is (0 - mu_g)/(sigma_g + eps): any group with a response shorter than the padded width T
+    falls back when |mu_g| >= fallback (sigma_g + eps), i.e. most groups with near-1 partial-credit
+    rewards. T is this batch's padded response width (the code's: the padded rollout length).
     """
 
-    def __init__(self, *, eps: float = 1e-6, norm_std: bool = True, fallback: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        eps: float = 1e-6,
+        norm_std: bool = True,
+        fallback: float = 5.0,
+        code_padding_quirk: bool = False,
+    ) -> None:
         if eps <= 0 or fallback <= 0:
             raise ValueError(f"eps and fallback must be > 0, got eps={eps}, fallback={fallback}")
         self.eps, self.norm_std, self.fallback = eps, norm_std, fallback
+        self.code_padding_quirk = code_padding_quirk
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         gidx, n_groups = group_index(batch.group_ids)
-        lengths = batch.lengths.float()
+        lengths = batch.lengths.double()
         mean, std, tot = _keyed_stats(r, gidx, n_groups, lengths, unbiased=False)
         g_mean, g_std = group_mean_std(r, batch.group_ids)
-        adv, grpo = r - mean.float(), r - g_mean
+        adv, grpo, pad = r - mean, r - g_mean, -mean
         if self.norm_std:
-            adv, grpo = adv / (std.float() + self.eps), grpo / (g_std + self.eps)
-        too_big = ((adv.abs() >= self.fallback) & (lengths > 0)).float()
-        fall = (group_sum(too_big, batch.group_ids) > 0) | (tot == 0)
+            adv, grpo, pad = adv / (std + self.eps), grpo / (g_std + self.eps), pad / (std + self.eps)
+        too_big = (adv.abs() >= self.fallback) & (lengths > 0)
+        if self.code_padding_quirk:
+            too_big |= (pad.abs() >= self.fallback) & (lengths < batch.response_mask.shape[1])
+        fall = (group_sum(too_big.double(), batch.group_ids) > 0) | (tot == 0)
         return broadcast_to_tokens(torch.where(fall, grpo, adv), batch.response_mask)

@@ -791,3 +791,22 @@ def test_ucas_all_equal_rewards_take_the_penalty_branch() -> None:
     lhat = logits / (7.0 + 1e-6)
     assert torch.allclose(adv, -0.05 * lhat, atol=1e-7)
     assert (adv[:, 0] <= 0).all() and adv[0, 0] == 0  # the lowest logit: exactly 0, never positive
+
+
+def test_hapo_token_code_padding_quirk() -> None:
+    # near-1 partial credit: tokens 0.95 x 2, 0.9 x 3 -> mu = 0.92, population sigma = sqrt(0.0006)
+    batch = make_batch([0.95, 0.9], [0, 0], lengths=[2, 3], T=4)
+    s = math.sqrt(0.0006) + 1e-6
+    intended = seq(build("hapo_token")(batch))
+    assert torch.allclose(intended, torch.tensor([0.03 / s, -0.02 / s]).float(), atol=1e-4)  # |A| < 5
+    # the official code also tests the padding positions: (0 - 0.92)/sigma = -37.6 -> GRPO fallback
+    quirk = seq(build("hapo_token", code_padding_quirk=True)(batch))
+    g = 0.025 / (math.sqrt(0.00125) + 1e-6)
+    assert torch.allclose(quirk, torch.tensor([g, -g]), atol=1e-5)
+    # no padding (every response fills T): the quirk changes nothing
+    full = make_batch([0.95, 0.9, 0.9], [0, 0, 0], lengths=[4, 4, 4])
+    assert torch.equal(build("hapo_token", code_padding_quirk=True)(full), build("hapo_token")(full))
+    # an empty response is all padding: tested with the quirk, skipped by the intended rule
+    empty = make_batch([0.95, 0.9, 0.9], [0, 0, 0], lengths=[0, 4, 4])
+    assert build("hapo_token")(empty)[1, 0].item() == 0.0  # mu = 0.9 over the tokens: no fallback
+    assert build("hapo_token", code_padding_quirk=True)(empty)[1, 0].item() < 0  # GRPO: 0.9 < mean

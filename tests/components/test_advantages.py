@@ -409,12 +409,12 @@ def test_entropy_adv_composition_requires_and_state() -> None:
     assert build("entropy_adv", base="ucas").requires == {"self_certainty", "sampled_logits"}
     assert build("entropy_adv").requires == frozenset()
     assert build("entropy_adv").state_dict() == {}
-    est = build("entropy_adv", base="riskpo", base_kwargs={"bundle_size": 2})
+    est = build("entropy_adv", base="riskpo", base_kwargs={"bundle_size": 2, "quantile_mode": "track"})
     batch = random_batch(seed=4)
     est(batch)
     state = est.state_dict()
     assert state["base"]["q_track"] is not None
-    twin = build("entropy_adv", base="riskpo", base_kwargs={"bundle_size": 2})
+    twin = build("entropy_adv", base="riskpo", base_kwargs={"bundle_size": 2, "quantile_mode": "track"})
     twin.load_state_dict(state)
     assert torch.equal(est(batch), twin(batch))
     with pytest.raises(ValueError):

@@ -183,10 +183,13 @@ def clamped_entropy(logits: Tensor, clamp_p: float) -> Tensor:
 class AEnt(EntropyRegularizer):
     """AEnt, arXiv 2509.03493: L = -lam * agg(H_clamp) with clamped entropy (see ``clamped_entropy``).
 
-    After ``warmup_steps`` RL steps, once per step: lam <- clip(lam - lr * [min(0, H - low) +
+    Once per step, after the step's update: lam <- clip(lam - lr * [min(0, H - low) +
     max(0, H - high) + reg * (lam - lam_0)], coef_min, coef_max), H the step's token-mean clamped
-    entropy of the current policy. Defaults: AReaL README (lam_0 2e-4, p 0.3, band [0.05, 0.23],
-    lr 1e-3, box [1e-5, 3e-3], warm-up 29, reg 0); the verl README uses the box [4e-5, 0.1].
+    entropy of the current policy. Warm-up as AReaL ``recipe/AEnt`` (``global_step > warmup_steps``
+    with ``global_step`` counting from 0): the first update follows RL step warmup_steps + 2 (step 31
+    with the default 29, counting from 1). Defaults: AReaL README (lam_0 2e-4, p 0.3, band
+    [0.05, 0.23], lr 1e-3, box [1e-5, 3e-3], warm-up 29, reg 0); the verl README uses the box
+    [4e-5, 0.1].
     """
 
     needs_logits = True
@@ -231,8 +234,9 @@ class AEnt(EntropyRegularizer):
 
     def end_step(self, summary: dict[str, float]) -> None:
         h = self._measure.pop()
+        global_step = self.steps  # the step just finished, counted from 0 (AReaL's global_step)
         self.steps += 1
-        if not self.adaptive or h is None or self.steps < self.warmup_steps:
+        if not self.adaptive or h is None or global_step <= self.warmup_steps:
             return
         grad = min(0.0, h - self.low) + max(0.0, h - self.high) + self.reg * (self.coef - self.coef_init)
         self.coef = min(max(self.coef - self.lr * grad, self.coef_min), self.coef_max)

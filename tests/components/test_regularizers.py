@@ -265,9 +265,11 @@ def test_aent_loss_and_adaptive_coefficient():
     )
     loss, stats = reg(z, None, None, batch, 0)
     assert loss.item() == pytest.approx(-0.1 * math.log(2), abs=1e-6)
-    reg.end_step({})
-    assert reg.coef == 0.1  # warm-up: step 1 < 2
-    reg(z, None, None, batch, 1)
+    for step in range(3):  # warm-up: AReaL updates only when global_step (from 0) > 2
+        reg(z, None, None, batch, step)
+        reg.end_step({})
+        assert reg.coef == 0.1
+    reg(z, None, None, batch, 3)
     reg.end_step({})
     assert reg.coef == pytest.approx(0.1 - (math.log(2) - 0.8), abs=1e-6)  # below the band: coef rises
     z_warm = torch.zeros(2, 3, 6)  # clamped entropy log 3 > 1.0: coef falls
@@ -278,6 +280,25 @@ def test_aent_loss_and_adaptive_coefficient():
     reg(torch.zeros(2, 3, 16), None, None, batch, 3)  # log 8: 0.05 - 1.08 < 0
     reg.end_step({})
     assert reg.coef == 0.0  # clipped to coef_min
+
+
+def test_aent_first_update_after_step_31_with_the_default_warm_up():
+    # AReaL recipe/AEnt: `if adaptive_coeff and global_step > warmup_steps`, global_step from 0
+    reg = AEnt(coef_lr=1.0, coef_min=0.0, coef_max=1.0)  # warmup_steps 29
+    batch = make_batch(B=2, T=3, lengths=[3, 2])
+    z = torch.zeros(2, 3, 10)  # clamped entropy log 7 > 0.23: the coefficient falls once updated
+    coefs = []
+    for step in range(32):
+        reg(z, None, None, batch, step)
+        reg.end_step({})
+        coefs.append(reg.coef)
+    assert coefs[:30] == [2e-4] * 30  # steps 1..30 (global_step 0..29)
+    assert coefs[30] == 0.0  # step 31 (global_step 30): 2e-4 - (log 7 - 0.23), clipped to coef_min
+    fresh = AEnt()
+    fresh.load_state_dict({"coef": 2e-4, "steps": 30})
+    fresh(z, None, None, batch, 30)
+    fresh.end_step({})
+    assert fresh.coef == 1e-5  # resumed at global_step 30: updates (default lr 1e-3 -> the box floor)
 
 
 def test_aent_pools_entropy_over_micro_batches_and_regularises_toward_initial_coef():

@@ -279,8 +279,12 @@ class SIREN(EntropyRegularizer):
     uses that step's old-policy pass; they agree until the step's first optimizer update), then fixed
     and checkpointed; the penalty is 0 during that step. A square of a mean cannot be
     split: like the official code the square is taken per micro-batch, weighted by its share of the
-    mini-batch's sequences (exact when a mini-batch is one micro-batch). Rows with no kept token are
-    excluded from H_hat. Defaults: ``exp_scripts/siren.sh`` (coef 0.005, p 0.8, k 10000, ratio 0.8).
+    mini-batch's sequences (exact when a mini-batch is one micro-batch). H_hat is the mean over every
+    response with at least one token; a response that keeps no token (a confident one, whose top-p
+    entropies are all 0, or one too short to pass its own quantile) counts as 0 in that mean, as in
+    the official ``agg_loss`` (which does not drop it). Rows without response tokens are left out
+    (the official rollouts have none). Defaults: ``exp_scripts/siren.sh`` (coef 0.005, p 0.8, k 10000,
+    ratio 0.8).
     """
 
     needs_logits = True
@@ -319,7 +323,7 @@ class SIREN(EntropyRegularizer):
         resp = batch.response_mask.bool()
         h = top_p_entropy(logits, self.top_p, self.top_k, self.include_crossing)
         keep = self.peak_mask(h, resp).float()
-        rows = keep.sum(-1) > 0
+        rows = resp.any(-1)  # every response with tokens; one that keeps none contributes 0
         per_seq = (torch.where(keep > 0, h, torch.zeros_like(h)) * keep).sum(-1) / keep.sum(-1).clamp_min(1)
         h_hat = per_seq.sum() / rows.sum().clamp_min(1)
         self.metrics.update(topp_entropy=h.detach(), kept_frac=keep, h_hat=float(h_hat.detach()))

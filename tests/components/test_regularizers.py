@@ -376,7 +376,8 @@ def test_siren_peak_mask_per_sequence_quantile():
 
 
 def siren_h_hat(z, mask, reg):
-    """H_hat by hand: nucleus entropies, per-row quantile mask, mean over rows with a kept token."""
+    """H_hat by hand: nucleus entropies, per-row quantile mask, mean over rows with response tokens
+    (a row that keeps no token counts 0, as the official agg_loss)."""
     probs = torch.softmax(z, -1).tolist()
     rows = []
     for b in range(z.shape[0]):
@@ -387,8 +388,7 @@ def siren_h_hat(z, mask, reg):
         pos = reg.lo * (len(s) - 1)
         q = s[int(pos)] + (pos - int(pos)) * (s[min(int(pos) + 1, len(s) - 1)] - s[int(pos)])
         kept = [x for x in hs if x > q]
-        if kept:
-            rows.append(sum(kept) / len(kept))
+        rows.append(sum(kept) / len(kept) if kept else 0.0)
     return sum(rows) / len(rows)
 
 
@@ -415,6 +415,26 @@ def test_siren_anchor_from_first_step_then_squared_penalty():
     fresh = SIREN(coef=0.5, top_p=0.9, mask_ratio=0.5)
     fresh.load_state_dict(reg.state_dict())
     assert fresh(z1, None, None, batch, 2)[0].item() == pytest.approx(loss.item())
+
+
+def test_siren_confident_response_counts_as_zero_in_the_mean():
+    # three responses; the third is confident (top token p = 0.9 >= top_p 0.8 at every position: empty
+    # nucleus, top-p entropy 0) and keeps no token. Official agg_loss: H_hat = (h0 + h1 + 0) / 3.
+    probs = [[0.4, 0.3, 0.2, 0.1], [0.5, 0.2, 0.2, 0.1], [0.3, 0.3, 0.3, 0.1], [0.6, 0.2, 0.1, 0.1]]
+    confident = [0.9, 0.05, 0.03, 0.02]
+    z = torch.tensor([probs, probs[::-1], [confident] * 4]).log()
+    batch = make_batch(B=3, T=4, lengths=[4, 4, 4])
+    reg = SIREN(top_p=0.8, mask_ratio=0.5)
+    reg(z, None, None, batch, 0)
+    h = [[nucleus_entropy(p, 0.8) for p in row] for row in (probs, probs[::-1])]
+    # each of the first two rows keeps its top half (above the linear median): the same two values
+    kept = sorted(h[0])[2:]
+    assert sorted(h[1])[2:] == kept
+    expected = 2 * (sum(kept) / 2) / 3
+    assert reg.metrics["h_hat"] == pytest.approx(expected, abs=1e-6)
+    assert reg.metrics["h_hat"] == pytest.approx(siren_h_hat(z, batch.response_mask.bool(), reg), abs=1e-6)
+    reg.end_step({})
+    assert reg.anchor == pytest.approx(expected, abs=1e-6)  # not (h0 + h1) / 2 = 1.5 x larger
 
 
 def test_siren_micro_batch_weight_is_its_share_of_sequences():

@@ -556,9 +556,9 @@ def test_aepo_cold_step_halves_and_caps():
     batch = make_batch(B=8, T=5, lengths=[5] * 8)
     batch.group_ids = torch.arange(8) // 2
     reg = AEPO(n_reinforce=3, entropy_target=0.5, prompt_fraction=1.0)
-    reg(None, torch.zeros(8, 5), torch.full((8, 5), 0.9), make_batch(B=8, T=5, lengths=[5] * 8), 0)
+    reg(None, torch.full((8, 5), -0.9), torch.full((8, 5), 0.2), make_batch(B=8, T=5, lengths=[5] * 8), 0)
     reg.end_step({})
-    assert reg.prev_entropy == pytest.approx(0.9)
+    assert reg.prev_entropy == pytest.approx(0.9)  # -mean log pi of the sampled tokens
     calls = []
     out = reg.modify_rollout(batch, fake_resample([1.0, 0.0], 2, calls))
     assert calls[0][1] == 0.8  # entropy above target: low temperature
@@ -567,6 +567,24 @@ def test_aepo_cold_step_halves_and_caps():
     fresh = AEPO()
     fresh.load_state_dict(reg.state_dict())
     assert fresh.prev_entropy == reg.prev_entropy
+
+
+def test_aepo_controller_reads_the_sampled_token_estimate():
+    # official actor/entropy_loss: token-mean of -log pi(o_t); exact entropy as an option
+    batch = make_batch(B=3, T=4, lengths=[4, 2, 0])  # ragged, with an empty response
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, -0.1], [-3.0, -0.2, -9.0, -9.0], [-9.0] * 4])
+    entropy = torch.tensor([[1.0, 1.2, 0.8, 0.6], [2.0, 0.4, 5.0, 5.0], [5.0] * 4])
+    sampled, exact = AEPO(), AEPO(entropy_estimate="exact")
+    for half in (slice(0, 2), slice(2, 3)):  # two micro-batches, pooled token-weighted
+        micro = batch.index(list(range(3))[half])
+        sampled(None, logprobs[half], entropy[half], micro, 0)
+        exact(None, logprobs[half], entropy[half], micro, 0)
+    sampled.end_step({})
+    exact.end_step({})
+    assert sampled.prev_entropy == pytest.approx((1.0 + 2.0 + 0.5 + 0.1 + 3.0 + 0.2) / 6)
+    assert exact.prev_entropy == pytest.approx((1.0 + 1.2 + 0.8 + 0.6 + 2.0 + 0.4) / 6)
+    with pytest.raises(ValueError, match="entropy_estimate"):
+        AEPO(entropy_estimate="full")
 
 
 def test_aepo_no_positive_samples_leaves_the_batch_alone():

@@ -21,6 +21,7 @@ from lightning_entropy.components.common import (
     all_reduce_max,
     all_reduce_sum,
     group_mean_std,
+    promoted,
     rank_offset,
     world_size,
 )
@@ -37,8 +38,9 @@ class StepMean:
     def add(self, values: Tensor, weights: Tensor) -> None:
         self.device = values.device
         with torch.no_grad():
-            w = weights.float()
-            v = torch.where(w > 0, values.detach().float(), torch.zeros_like(w))
+            v = promoted(values.detach())  # float64 statistics stay float64
+            w = weights.to(v.dtype)
+            v = torch.where(w > 0, v, torch.zeros_like(v))
             s = torch.stack([(v * w).sum(), w.sum()])
             self.sums = s if self.sums is None else self.sums + s
 
@@ -311,7 +313,7 @@ class SIREN(EntropyRegularizer):
 
     def peak_mask(self, h: Tensor, mask: Tensor) -> Tensor:
         with torch.no_grad():
-            x = h.detach().float().masked_fill(~mask, float("nan"))
+            x = promoted(h.detach()).masked_fill(~mask, float("nan"))
             keep = mask & (h > torch.nanquantile(x, self.lo, dim=-1, keepdim=True))
             if self.hi is not None:
                 keep &= h <= torch.nanquantile(x, self.hi, dim=-1, keepdim=True)
@@ -387,7 +389,7 @@ class LpReg(EntropyRegularizer):
 
     def threshold(self, logprobs: Tensor, neg: Tensor, gather: bool) -> Tensor | None:
         """The k-th lowest log-prob among negative tokens, or None when k <= 1."""
-        vals = logprobs.detach()[neg].float()
+        vals = promoted(logprobs.detach()[neg])
         vals = all_gather_cat(vals) if gather else vals
         k = max(1, int(self.neg_fraction * vals.numel()))
         return vals.kthvalue(k).values if k > 1 else None

@@ -442,7 +442,7 @@ class AEPO(EntropyRegularizer):
     (``entropy_estimate="sampled"``) the token-mean of -log pi(o_t) over the sampled tokens of the
     step's updates (current policy), a one-sample estimate of the entropy; ``"exact"`` uses the
     full-vocabulary entropy of the same forward passes instead. The two differ (1.648 vs 1.528 in a
-    small case), and the target is calibrated on the sampled estimate.
+    small case); the script's ``entropy_target`` was set against the sampled estimate.
     Defaults: ``examples/qwen-math-7b-AEPO.sh`` (target 0.5, T 1.2 / 0.8, 60 samples); the commit
     07f16ff4 of the official trainer re-samples every prompt, METHODS.md's reading the first quarter.
     """

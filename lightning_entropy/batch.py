@@ -26,7 +26,9 @@ class AggNorm:
     tokens: dict[str, float]
     seqs: dict[str, float]
     num_seqs: float  # every sequence of the mini-batch, empty or not (constant-normaliser mode)
-    const: float  # seq-mean-token-sum-norm's constant (T_max)
+    # seq-mean-token-sum-norm's constant C (T_max): sum / (num_seqs * C), the Dr. GRPO paper's
+    # (arXiv 2503.20783); verl's agg_loss divides by C only, num_seqs times larger (a learning-rate factor)
+    const: float
     world_size: int = 1
 
 

@@ -43,7 +43,7 @@ class GRPOAdvantage(AdvantageEstimator):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         mean, std = group_mean_std(batch.rewards, batch.group_ids)
-        adv = batch.rewards.float() - mean
+        adv = batch.rewards.double() - mean
         if self.norm_std:
             adv = adv / (std + self.eps)
         return broadcast_to_tokens(adv, batch.response_mask)
@@ -60,7 +60,7 @@ class DrGRPOAdvantage(AdvantageEstimator):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         mean, _ = group_mean_std(batch.rewards, batch.group_ids)
-        return broadcast_to_tokens(batch.rewards.float() - mean, batch.response_mask)
+        return broadcast_to_tokens(batch.rewards.double() - mean, batch.response_mask)
 
 
 @register("advantage", "rloo")
@@ -73,8 +73,8 @@ class RLOOAdvantage(AdvantageEstimator):
     needs_old_pass = False
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
-        n = group_count(batch.group_ids)
+        r = batch.rewards.double()
+        n = group_count(batch.group_ids, dtype=torch.float64)
         mean, _ = group_mean_std(r, batch.group_ids)
         adv = torch.where(n > 1, (r - mean) * n / (n - 1).clamp_min(1), r)
         return broadcast_to_tokens(adv, batch.response_mask)
@@ -124,13 +124,19 @@ def _group_quantile(values: Tensor, gidx: Tensor, n_groups: int, q: float, inter
 def _keyed_stats(
     values: Tensor, keys: Tensor, n_keys: int, weight: Tensor, unbiased: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Weighted mean and std of ``values`` per key, returned per element, with each key's total weight."""
+    """Weighted mean and std of ``values`` per key (float64), returned per element, with each key's
+    total weight. A key whose weighted values are all equal gets exactly that value and std 0."""
     v, w = values.double(), weight.double()
     zeros = torch.zeros(n_keys, dtype=torch.float64, device=v.device)
     tot = zeros.index_add(0, keys, w)
     mean = zeros.index_add(0, keys, w * v) / tot.clamp_min(1e-12)
+    lo = torch.full_like(zeros, math.inf).scatter_reduce(0, keys, torch.where(w > 0, v, math.inf), "amin")
+    hi = torch.full_like(zeros, -math.inf).scatter_reduce(0, keys, torch.where(w > 0, v, -math.inf), "amax")
+    equal = lo == hi
+    mean = torch.where(equal, lo, mean)
     sq = zeros.index_add(0, keys, w * (v - mean[keys]) ** 2)
     std = (sq / ((tot - 1).clamp_min(1) if unbiased else tot.clamp_min(1e-12))).sqrt()
+    std = torch.where(equal, 0.0, std)
     return mean[keys], std[keys], tot[keys]
 
 
@@ -198,11 +204,11 @@ class QAEAdvantage(AdvantageEstimator):
         self.k, self.interpolation, self.norm_std, self.eps = k, interpolation, norm_std, eps
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         mean, std = group_mean_std(r, batch.group_ids)
         if 0.0 < self.k < 1.0:
             gidx, n_groups = group_index(batch.group_ids)
-            quant = _group_quantile(r, gidx, n_groups, self.k, self.interpolation)[gidx].float()
+            quant = _group_quantile(r, gidx, n_groups, self.k, self.interpolation)[gidx]
             mean = torch.where(group_count(batch.group_ids) > 1, quant, mean)
         adv = r - mean
         if self.norm_std:
@@ -254,7 +260,7 @@ class CANONAdvantage(AdvantageEstimator):
         self.max_response_length = max_response_length
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         mask = batch.response_mask.float()
         if self.metric == "entropy":
             _need(batch, "entropy")
@@ -265,7 +271,7 @@ class CANONAdvantage(AdvantageEstimator):
         rank, _, counts = _rank_in_group(m, gidx, n_groups)
         n = counts[gidx]
         high = rank >= n // 2
-        n_high = group_sum(high.float(), batch.group_ids)
+        n_high = group_sum(high.double(), batch.group_ids)
         mu_high = group_sum(torch.where(high, r, 0.0), batch.group_ids) / n_high.clamp_min(1)
         mu_low = group_sum(torch.where(high, 0.0, r), batch.group_ids) / (n - n_high).clamp_min(1)
         mu_high = torch.where(n > 1, mu_high, 0.0)
@@ -275,12 +281,12 @@ class CANONAdvantage(AdvantageEstimator):
         inter = inter + torch.where(high, self.beta, -self.beta)
         lam = r.new_tensor(self.lam)
         if self.anneal:
-            mean_r = _global_mean(r).float()
+            mean_r = _global_mean(r)
             lam = 1.0 - mean_r if self.anneal_schedule == "inter_first" else mean_r
         adv = lam * inter + (1.0 - lam) * (r - own)
         if self.max_response_length is not None:
             adv = adv / self.max_response_length
-        self.metrics["lambda"] = lam
+        self.metrics["lambda"] = lam.float()
         return broadcast_to_tokens(adv, batch.response_mask)
 
 
@@ -447,10 +453,10 @@ class MAPOAdvantage(AdvantageEstimator):
         self.eps = eps
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
-        n = group_count(batch.group_ids)
+        r = batch.rewards.double()
+        n = group_count(batch.group_ids, dtype=torch.float64)
         mean, std = group_mean_std(r, batch.group_ids)
-        p = group_sum((r == 1.0).float(), batch.group_ids) / n
+        p = group_sum((r == 1.0).double(), batch.group_ids) / n
         lam = 4.0 * p * (1.0 - p)
         adv = lam * (r - mean) / (std + self.eps) + (1.0 - lam) * (r - mean) / (mean + self.eps)
         return broadcast_to_tokens(torch.where(n > 1, adv, r), batch.response_mask)
@@ -482,12 +488,12 @@ class AAPOAdvantage(AdvantageEstimator):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         _need(batch, "paired_rewards")
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         mean, std = group_mean_std(r, batch.group_ids)
         adv = r - mean
         if self.scale_rewards:
             adv = adv / (std + self.eps)
-        momentum = (r - batch.paired_rewards.float()).clamp(-self.clip_low, self.clip_high)
+        momentum = (r - batch.paired_rewards.double()).clamp(-self.clip_low, self.clip_high)
         self.metrics["momentum"] = _global_mean(momentum).float()
         return broadcast_to_tokens(adv + momentum, batch.response_mask)
 
@@ -525,8 +531,8 @@ class UCASAdvantage(AdvantageEstimator):
     def __call__(self, batch: RolloutBatch) -> Tensor:
         _need(batch, "self_certainty", "sampled_logits")
         mask = batch.response_mask.float()
-        r = batch.rewards.float()
-        c = masked_sum(batch.self_certainty.float(), mask, dim=-1)
+        r = batch.rewards.double()
+        c = masked_sum(batch.self_certainty.double(), mask.double(), dim=-1)
         r_mean, r_std = group_mean_std(r, batch.group_ids)
         c_mean, c_std = group_mean_std(c, batch.group_ids)
         adv, c_hat = r - r_mean, c - c_mean
@@ -544,7 +550,7 @@ class UCASAdvantage(AdvantageEstimator):
         scaled = (adv * mod)[:, None]
         raw = scaled - self.gamma * l_hat
         self.metrics["modulation"] = _global_mean(mod).float()
-        return torch.where(scaled > 0, raw.clamp_min(0), raw) * mask
+        return (torch.where(scaled > 0, raw.clamp_min(0), raw) * mask).float()
 
 
 @register("advantage", "egsw")
@@ -631,10 +637,17 @@ class RiskPOAdvantage(AdvantageEstimator):
     ``credit``: uniform; std (/ the question's reward std, 1 when <= 1e-3); score (x0.5 if r > 0 else x1.5).
     Responses beyond the smallest group of their bundle get 0; a one-paper bundle has q_a = q_b = S, std 1.
 
-    ``quantile_mode="batch"``: q from each bundle's papers (torch.quantile, linear). ``"track"`` (the
-    script's choice): q from running estimates, updated after each call by one SGD step of size ``lr_q``
-    (the code's default and script value 0.1), q <- q + lr_q (level - mean[S < q]) over all papers; the first
-    call uses the bundle quantiles and then sets the estimates to the batch quantiles (code warm-up).
+    ``quantile_mode="batch"`` (default): q from each bundle's papers (torch.quantile, linear). This is
+    what the official runs compute: the script sets tracking on, but the trainer stores the tracked
+    quantile only after the advantages are computed, on a batch it rebuilds every step, so the tracked
+    value never reaches the advantage. ``"track"`` feeds running estimates into the advantage instead,
+    updated after each call by one SGD step of size ``lr_q`` (the code's value 0.1),
+    q <- q + lr_q (level - mean[S < q]) over all papers; the first call uses the bundle quantiles and
+    then sets the estimates to the batch quantiles (code warm-up).
+
+    Zero-std guard: a bundle whose paper scores are all equal (std 0) is divided by 1, not by eps.
+    In batch mode its numerator is exactly 0 anyway; with tracked quantiles it is not (a bundle where
+    every response is wrong got |A| ~ 5e6), so the guard keeps the tracked signal at its raw scale.
     """
 
     def __init__(
@@ -645,7 +658,7 @@ class RiskPOAdvantage(AdvantageEstimator):
         bundle_size: int = 5,
         w_mix: float = 1.5,
         credit: str = "std",
-        quantile_mode: str = "track",
+        quantile_mode: str = "batch",
         lr_q: float = 0.1,
         norm_std: bool = True,
         eps: float = 1e-6,
@@ -676,15 +689,16 @@ class RiskPOAdvantage(AdvantageEstimator):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         # Bundles may straddle ranks: gather every reward and compute the whole batch's answer on each rank.
-        r_all, g_all = all_gather_cat(batch.rewards.float()), all_gather_cat(batch.group_ids)
+        r_all, g_all = all_gather_cat(batch.rewards.double()), all_gather_cat(batch.group_ids)
         paper_id, in_paper, scores, paper_bundle, n_b = _bundle_papers(r_all, g_all, self.bundle_size)
         _, bundle_std = group_mean_std(scores, paper_bundle)
+        bundle_std = torch.where(bundle_std > 0, bundle_std, 1.0)  # all-equal bundle: no division by eps
         if self.quantile_mode == "track" and self.q_track is not None:
             q_a = torch.full_like(scores, self.q_track[0])
             q_b = torch.full_like(scores, self.q_track[1])
         else:
-            q_a = _group_quantile(scores, paper_bundle, n_b, self.alpha, "linear")[paper_bundle].float()
-            q_b = _group_quantile(scores, paper_bundle, n_b, self.beta, "linear")[paper_bundle].float()
+            q_a = _group_quantile(scores, paper_bundle, n_b, self.alpha, "linear")[paper_bundle]
+            q_b = _group_quantile(scores, paper_bundle, n_b, self.beta, "linear")[paper_bundle]
         g = (scores - q_a).clamp_min(0) - (scores - q_b).clamp_min(0) + (q_a - q_b)
         g = g / (self.beta - self.alpha + self.eps)
         c = -(q_a - scores).clamp_min(0) / (self.alpha + self.eps)
@@ -700,7 +714,7 @@ class RiskPOAdvantage(AdvantageEstimator):
         adv = torch.where(in_paper, adv, 0.0)
         if self.quantile_mode == "track":
             self._track(scores)
-        self.metrics["q_alpha"], self.metrics["q_beta"] = q_a.mean(), q_b.mean()
+        self.metrics["q_alpha"], self.metrics["q_beta"] = q_a.mean().float(), q_b.mean().float()
         start = rank_offset(batch.size, batch.rewards.device)
         return broadcast_to_tokens(adv[start : start + batch.size], batch.response_mask)
 
@@ -715,25 +729,100 @@ class RiskPOAdvantage(AdvantageEstimator):
         self.q_track = (q + self.lr_q * (levels - below)).tolist()
 
 
+def _comb(n: int, k: int) -> int:
+    """Binomial coefficient, 0 outside 0 <= k <= n (scipy's ``comb`` convention)."""
+    return math.comb(n, k) if 0 <= k <= n else 0
+
+
+def passk_analytic(n: int, c: int, k: int, eps: float = 1e-6) -> tuple[float, float]:
+    """Pass@k Training's analytic advantages (A_pos, A_neg) for a group of n responses, c correct.
+
+    rho = 1 - C(n-c, k)/C(n, k), sigma = sqrt(rho (1 - rho)); A_pos = (1 - rho)/(sigma + eps),
+    A_neg = (1 - rho - C(n-c-1, k-1)/C(n-1, k-1))/(sigma + eps). Requires 1 <= k <= n.
+    """
+    rho = 1.0 - _comb(n - c, k) / _comb(n, k)
+    sigma = math.sqrt(max(rho * (1.0 - rho), 0.0))
+    a_pos = (1.0 - rho) / (sigma + eps)
+    a_neg = (1.0 - rho - _comb(n - c - 1, k - 1) / _comb(n - 1, k - 1)) / (sigma + eps)
+    return a_pos, a_neg
+
+
 @register("advantage", "passk")
 class PassKAdvantage(AdvantageEstimator):
-    """Best-minus-second (leave-one-out max) baseline for pass@k-style training, after "Pass@k Training
-    for Adaptively Balancing Exploration and Exploitation", arXiv 2508.10751:
-    A_i = r_i - max_{j != i in g} r_j. Only a unique best response gets a positive advantage (best minus
-    second best); tied best responses get 0, every other one r_i - best <= 0. All-equal groups give 0; a
-    group of one has no other sample and keeps its raw reward (baseline 0, as verl).
+    """Pass@k advantages, two published forms.
+
+    ``variant="analytic"`` (default): "Pass@k Training for Adaptively Balancing Exploration and
+    Exploitation", arXiv 2508.10751, code RUCAIBox/Passk_Training ``code/passk_adv.py: calc_adv``.
+    For a group of n responses with c correct (r > ``success_threshold``):
+    rho = 1 - C(n-c, k)/C(n, k), sigma = sqrt(rho (1 - rho)),
+    A_pos = (1 - rho)/(sigma + eps),  A_neg = (1 - rho - C(n-c-1, k-1)/C(n-1, k-1))/(sigma + eps).
+    When fewer than k responses are wrong, every k-subset passes (rho = 1) and the group gets 0; an
+    all-wrong group gets 0. The code maps only rewards exactly 1 and 0 and leaves any other value
+    unchanged as its advantage; here partial credit is binarised at ``success_threshold`` (identical
+    for binary rewards). A group smaller than k uses k = n (pass@k needs n >= k).
+
+    ``variant="verl"``: verl ``compute_grpo_passk_outcome_advantage`` (after arXiv 2503.19595): the
+    group's best response (first in batch order on ties) gets r_max - r_second, divided by the
+    group's unbiased std + eps when ``norm_std`` (verl's default ``norm_adv_by_std_in_grpo``); every
+    other response gets 0. verl rejects groups of one; here a group of one keeps its raw reward
+    (METHODS.md §0's convention).
+
+    METHODS.md has no pass@k entry; the default is the analytic form because it is the cited paper's
+    own method and code (verl's is a different paper's best-of-n baseline). k = 4 is this framework's
+    choice ([UNVERIFIED] as the paper's main setting); eps = 1e-6 is the code's constant.
     """
 
+    def __init__(
+        self,
+        *,
+        variant: str = "analytic",
+        k: int = 4,
+        success_threshold: float = 0.5,
+        norm_std: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
+        if variant not in ("analytic", "verl"):
+            raise ValueError(f"variant must be 'analytic' or 'verl', got {variant!r}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.variant, self.k, self.threshold, self.norm_std, self.eps = (
+            variant,
+            k,
+            success_threshold,
+            norm_std,
+            eps,
+        )
+
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         gidx, n_groups = group_index(batch.group_ids)
-        rank, order, counts = _rank_in_group(-r, gidx, n_groups)  # rank 0 = a best response
+        if self.variant == "analytic":
+            adv = self._analytic(r, gidx, n_groups)
+        else:
+            adv = self._verl(r, batch.group_ids, gidx, n_groups)
+        return broadcast_to_tokens(adv, batch.response_mask)
+
+    def _analytic(self, r: Tensor, gidx: Tensor, n_groups: int) -> Tensor:
+        success = r > self.threshold
+        counts = torch.bincount(gidx, minlength=n_groups).tolist()
+        correct = torch.bincount(gidx, weights=success.double(), minlength=n_groups).round().long().tolist()
+        table = [passk_analytic(n, c, min(self.k, n), self.eps) for n, c in zip(counts, correct)]
+        a = r.new_tensor(table)  # [G, 2]: (A_pos, A_neg)
+        return torch.where(success, a[gidx, 0], a[gidx, 1])
+
+    def _verl(self, r: Tensor, group_ids: Tensor, gidx: Tensor, n_groups: int) -> Tensor:
+        rank, order, counts = _rank_in_group(-r, gidx, n_groups)  # rank 0: the first best response
         starts = torch.cumsum(counts, 0) - counts
         best = r[order[starts]]
         second = r[order[torch.minimum(starts + 1, starts + counts - 1)]]
-        others_best = torch.where(rank == 0, second[gidx], best[gidx])
-        adv = torch.where(counts[gidx] > 1, r - others_best, r)
-        return broadcast_to_tokens(adv, batch.response_mask)
+        gap = (best - second)[gidx]
+        if self.norm_std:
+            _, std = group_mean_std(r, group_ids)
+            gap = gap / (std + self.eps)
+        adv = torch.where(rank == 0, gap, torch.zeros_like(r))
+        return torch.where(counts[gidx] > 1, adv, r)
 
 
 @register("advantage", "opo")
@@ -744,11 +833,11 @@ class OPOAdvantage(AdvantageEstimator):
     """
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         gidx, n_groups = group_index(batch.group_ids)
-        base, _, tot = _keyed_stats(r, gidx, n_groups, batch.lengths.float(), unbiased=False)
+        base, _, tot = _keyed_stats(r, gidx, n_groups, batch.lengths.double(), unbiased=False)
         mean, _ = group_mean_std(r, batch.group_ids)
-        base = torch.where(tot > 0, base.float(), mean)
+        base = torch.where(tot > 0, base, mean)
         base = torch.where(group_count(batch.group_ids) > 1, base, 0.0)
         return broadcast_to_tokens(r - base, batch.response_mask)
 
@@ -768,7 +857,7 @@ class ReinforcePPBaselineAdvantage(AdvantageEstimator):
     def __call__(self, batch: RolloutBatch) -> Tensor:
         mask = batch.response_mask.double()
         mean, _ = group_mean_std(batch.rewards, batch.group_ids)
-        x = (batch.rewards.double() - mean.double())[:, None] * mask
+        x = (batch.rewards.double() - mean)[:, None] * mask
         s1 = all_reduce_sum(torch.stack([x.sum(), mask.sum()]))
         n = s1[1]
         mu = s1[0] / n.clamp_min(1)
@@ -782,25 +871,41 @@ class HAPOTokenAdvantage(AdvantageEstimator):
     """HAPO token-level group average, arXiv 2509.16591: A_i = (r_i - mu_g) / (sigma_g + eps) with mu_g,
     sigma_g the mean and population std of the reward over all valid tokens of the group (length
     weighted). If any response of the group has |A_i| >= ``fallback`` the whole group takes GRPO's
-    advantage instead (code starriver030515/HAPO@7671dde, which also checks padding positions; here
-    only responses with tokens). A group of one gets 0 (mu = r, as in the code); a group without
-    tokens falls back to GRPO.
+    advantage instead. A group of one gets 0 (mu = r, as in the code); a group without tokens falls
+    back to GRPO.
+
+    Default: the intended test, over responses with tokens only. ``code_padding_quirk=True``
+    reproduces the official ``compute_hapo_outcome_advantage`` (starriver030515/HAPO@7671dde), which
+    normalises the masked score tensor r_i * mask and so also tests every padding position, whose
+    value is (0 - mu_g)/(sigma_g + eps): any group with a response shorter than the padded width T
+    falls back when |mu_g| >= fallback (sigma_g + eps), i.e. most groups with near-1 partial-credit
+    rewards. T is this batch's padded response width (the code's: the padded rollout length).
     """
 
-    def __init__(self, *, eps: float = 1e-6, norm_std: bool = True, fallback: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        eps: float = 1e-6,
+        norm_std: bool = True,
+        fallback: float = 5.0,
+        code_padding_quirk: bool = False,
+    ) -> None:
         if eps <= 0 or fallback <= 0:
             raise ValueError(f"eps and fallback must be > 0, got eps={eps}, fallback={fallback}")
         self.eps, self.norm_std, self.fallback = eps, norm_std, fallback
+        self.code_padding_quirk = code_padding_quirk
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        r = batch.rewards.float()
+        r = batch.rewards.double()
         gidx, n_groups = group_index(batch.group_ids)
-        lengths = batch.lengths.float()
+        lengths = batch.lengths.double()
         mean, std, tot = _keyed_stats(r, gidx, n_groups, lengths, unbiased=False)
         g_mean, g_std = group_mean_std(r, batch.group_ids)
-        adv, grpo = r - mean.float(), r - g_mean
+        adv, grpo, pad = r - mean, r - g_mean, -mean
         if self.norm_std:
-            adv, grpo = adv / (std.float() + self.eps), grpo / (g_std + self.eps)
-        too_big = ((adv.abs() >= self.fallback) & (lengths > 0)).float()
-        fall = (group_sum(too_big, batch.group_ids) > 0) | (tot == 0)
+            adv, grpo, pad = adv / (std + self.eps), grpo / (g_std + self.eps), pad / (std + self.eps)
+        too_big = (adv.abs() >= self.fallback) & (lengths > 0)
+        if self.code_padding_quirk:
+            too_big |= (pad.abs() >= self.fallback) & (lengths < batch.response_mask.shape[1])
+        fall = (group_sum(too_big.double(), batch.group_ids) > 0) | (tot == 0)
         return broadcast_to_tokens(torch.where(fall, grpo, adv), batch.response_mask)

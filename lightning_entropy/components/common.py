@@ -7,6 +7,8 @@ identities.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -105,18 +107,38 @@ def group_count(group_ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor
     return group_sum(torch.ones(group_ids.shape, dtype=dtype, device=group_ids.device), group_ids)
 
 
+def group_min_max(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-element group minimum and maximum ([B] -> [B], [B])."""
+    idx, n = group_index(group_ids)
+    lo = torch.full((n,), math.inf, dtype=values.dtype, device=values.device)
+    hi = torch.full((n,), -math.inf, dtype=values.dtype, device=values.device)
+    lo = lo.scatter_reduce(0, idx, values, "amin")
+    hi = hi.scatter_reduce(0, idx, values, "amax")
+    return lo[idx], hi[idx]
+
+
+def promoted(x: Tensor) -> Tensor:
+    """``x`` as a float of at least float32 precision: float64 stays float64 (never ``.float()``)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def group_mean_std(values: Tensor, group_ids: Tensor, unbiased: bool = True) -> tuple[Tensor, Tensor]:
-    """Per-element group mean and standard deviation, vectorised over groups.
+    """Per-element group mean and standard deviation in float64, vectorised over groups.
 
     Groups of size 1 follow verl: mean 0 and std 1, so the advantage is the raw reward.
-    ``unbiased`` uses Bessel's correction like ``torch.std``.
+    ``unbiased`` uses Bessel's correction like ``torch.std``. A group whose values are all equal gets
+    exactly that value as its mean and std 0, so r - mean is exactly 0 for any reward (0.9, 1/3, ...)
+    and METHODS.md §0's all-equal groups give exactly zero advantage.
     """
-    values = values.float()
-    n = group_count(group_ids)
+    values = values.double()
+    n = group_count(group_ids, dtype=torch.float64)
     mean = group_sum(values, group_ids) / n
+    lo, hi = group_min_max(values, group_ids)
+    equal = lo == hi
+    mean = torch.where(equal, lo, mean)
     sq = group_sum((values - mean) ** 2, group_ids)
     denom = (n - 1).clamp_min(1) if unbiased else n
-    std = (sq / denom).sqrt()
+    std = torch.where(equal, torch.zeros_like(sq), (sq / denom).sqrt())
     single = n <= 1
     mean = torch.where(single, torch.zeros_like(mean), mean)
     std = torch.where(single, torch.ones_like(std), std)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
 from lightning_entropy.components.base import PolicyLoss
-from lightning_entropy.components.common import all_reduce_sum, global_masked_mean, masked_mean
+from lightning_entropy.components.common import all_reduce_sum, global_masked_mean, masked_mean, promoted
 from lightning_entropy.components.selectors import (
     check_scope,
     gather_valid,
@@ -44,10 +44,24 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
     return (torch.exp(-log_ratio) + log_ratio - 1).clamp(-10, 10)
 
 
-def importance_ratio(logprobs: Tensor, old_logprobs: Tensor) -> tuple[Tensor, Tensor]:
-    """r = exp(clamp(log pi - log pi_old, -20, 20)) and the clamped log-ratio (verl)."""
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+def importance_ratio(
+    logprobs: Tensor, old_logprobs: Tensor, clamp: float | None = 20.0
+) -> tuple[Tensor, Tensor]:
+    """r = exp(clamp(log pi - log pi_old, -clamp, clamp)) and the (clamped) log-ratio.
+
+    verl's vanilla loss clamps at 20, and so do the losses built on it here (ppo, bapo, erc, cispo,
+    entropic). Clip-Cov, KL-Cov, CE-GPPO and HAPO do not clamp in their official code: those losses
+    take ``log_ratio_clamp`` (default None, no clamp)."""
+    log_ratio = logprobs - old_logprobs
+    if clamp is not None:
+        log_ratio = log_ratio.clamp(-clamp, clamp)
     return torch.exp(log_ratio), log_ratio
+
+
+def check_log_ratio_clamp(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise ValueError(f"log_ratio_clamp must be > 0 or null, got {value!r}")
+    return value
 
 
 def dual_clip(loss: Tensor, adv: Tensor, clip_c: float | None, stats: dict[str, Tensor]) -> Tensor:
@@ -116,15 +130,16 @@ def valid_tokens(batch: RolloutBatch) -> Tensor:
 
 def agg_sums(values: Tensor, mask: Tensor, pooled: bool) -> list[float]:
     """Sufficient statistics of ``agg`` over ``mask`` (summed over ranks when ``pooled``)."""
-    m = mask.float()
-    v = torch.where(m > 0, values.detach().float(), torch.zeros_like(m)) * m
+    v = promoted(values.detach())  # float64 statistics stay float64
+    m = mask.to(v.dtype)
+    v = torch.where(m > 0, v, torch.zeros_like(v)) * m
     s = torch.stack(
         [
             v.sum(),
             m.sum(),
             (v.sum(-1) / m.sum(-1).clamp_min(1e-12)).sum(),
-            (m.sum(-1) > 0).float().sum(),
-            torch.tensor(float(m.shape[0]), device=m.device),
+            (m.sum(-1) > 0).to(v.dtype).sum(),
+            v.new_tensor(float(m.shape[0])),
         ]
     )
     return (all_reduce_sum(s) if pooled else s).tolist()
@@ -184,7 +199,7 @@ class _ScopedLoss(PolicyLoss):
 
 def centred_cov(batch: RolloutBatch, logprobs: Tensor, valid: Tensor, pooled: bool) -> Tensor:
     """Cov_t = (A_t - mean A)(log pi_t - mean log pi), means over the valid tokens (detached)."""
-    adv, lp = batch.advantages.float(), logprobs.detach().float()
+    adv, lp = promoted(batch.advantages), promoted(logprobs.detach())
     mean = global_masked_mean if pooled else masked_mean
     return (adv - mean(adv, valid)) * (lp - mean(lp, valid))
 
@@ -193,17 +208,26 @@ def centred_cov(batch: RolloutBatch, logprobs: Tensor, valid: Tensor, pooled: bo
 class PPOLoss(PolicyLoss):
     """PPO clipped surrogate, arXiv 1707.06347, with clip-higher (DAPO, arXiv 2503.14476) and
     dual-clip (arXiv 1912.09729): L = max(-A r, -A clip(r, 1-eps_low, 1+eps_high)); for A < 0
-    L = min(L, -c A). ``clip_c: null`` turns dual-clip off; verl's default c is 3.0.
+    L = min(L, -c A). ``clip_c: null`` turns dual-clip off; verl's default c is 3.0. log r is clamped
+    to +-``log_ratio_clamp`` (20, verl ``compute_policy_loss_vanilla``; null: no clamp).
     """
 
-    def __init__(self, *, eps_low: float = 0.2, eps_high: float = 0.2, clip_c: float | None = 3.0) -> None:
+    def __init__(
+        self,
+        *,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        clip_c: float | None = 3.0,
+        log_ratio_clamp: float | None = 20.0,
+    ) -> None:
         check_clip(eps_low, eps_high, clip_c)
         self.eps_low, self.eps_high, self.clip_c = eps_low, eps_high, clip_c
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
 
     def __call__(
         self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
-        ratio, _ = importance_ratio(logprobs, batch.old_logprobs)
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
         return clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.clip_c)
 
 
@@ -218,6 +242,7 @@ class ClipCovLoss(_ScopedLoss):
     (1, 5), eps_low = eps_high = 1.0. The draw is seeded from ``seed`` and the call count
     (checkpointed). ``scope: minibatch`` selects once per mini-batch from the old policy's log pi
     (no token is PPO-clipped there: r = 1); ``micro`` selects per micro-batch from the current one.
+    The official code does not clamp log r (``log_ratio_clamp`` null); a number clamps it like verl.
     """
 
     ratio_dependent = False  # detaching the chosen tokens acts even when every update is on-policy
@@ -232,7 +257,9 @@ class ClipCovLoss(_ScopedLoss):
         eps_high: float = 1.0,
         seed: int = 0,
         scope: str = "minibatch",
+        log_ratio_clamp: float | None = None,
     ) -> None:
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
         if not 0.0 < clip_ratio <= 1.0:
             raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
         if cov_low >= cov_high:
@@ -265,7 +292,7 @@ class ClipCovLoss(_ScopedLoss):
     def __call__(
         self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
-        ratio, _ = importance_ratio(logprobs, batch.old_logprobs)
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
         micro = self.scope == "micro"
         chosen = self._choose(batch, logprobs, ratio, False) if micro else self.state_for(batch)
         loss, stats = clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, None)
@@ -288,10 +315,19 @@ class KLCovLoss(_ScopedLoss):
     kl_cov_ratio defaults to 2e-3, the paper's 7B recipe (``k_percent=0.2`` percent); the 32B recipe
     and verl's ``kl_cov_ratio`` default use 2e-4. kl_coef 1. Ties go to the earlier token. Scope
     ``minibatch`` ranks the old policy's log pi over the whole mini-batch; ``micro`` the current one
-    per micro-batch (official).
+    per micro-batch (official). The official code does not clamp log r, in the ratio nor in the
+    |log r| penalty (``log_ratio_clamp`` null); a number clamps both like verl.
     """
 
-    def __init__(self, *, kl_cov_ratio: float = 2e-3, kl_coef: float = 1.0, scope: str = "minibatch") -> None:
+    def __init__(
+        self,
+        *,
+        kl_cov_ratio: float = 2e-3,
+        kl_coef: float = 1.0,
+        scope: str = "minibatch",
+        log_ratio_clamp: float | None = None,
+    ) -> None:
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
         if not 0.0 < kl_cov_ratio <= 1.0:
             raise ValueError(f"kl_cov_ratio must be in (0, 1], got {kl_cov_ratio!r}")
         if kl_coef < 0:
@@ -312,7 +348,7 @@ class KLCovLoss(_ScopedLoss):
     def __call__(
         self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
-        ratio, log_ratio = importance_ratio(logprobs, batch.old_logprobs)
+        ratio, log_ratio = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
         micro = self.scope == "micro"
         chosen = self._choose(batch, logprobs, ratio, False) if micro else self.state_for(batch)
         penalty = torch.where(chosen, self.kl_coef * log_ratio.abs(), torch.zeros_like(log_ratio))
@@ -326,7 +362,8 @@ class CEGPPOLoss(PolicyLoss):
     low (r < 1-eps_low, A < 0): L = -beta1 (1-eps_low) r/sg(r) A; high (r > 1+eps_high, A > 0):
     L = -beta2 (1+eps_high) r/sg(r) A; otherwise -r A; then dual-clip for A < 0. Out-of-region
     gradients are bounded, beta (1 -+ eps) |A| grad log pi, instead of zero. beta1 = 0.5 is the 1.5B
-    script (7B script 0.75, function default 0.25); beta2 1, eps 0.2/0.2, clip_c 10 (scripts).
+    script (7B script 0.75, function default 0.25); beta2 1, eps 0.2/0.2, clip_c 10 (scripts). The
+    official code does not clamp log r (``log_ratio_clamp`` null); a number clamps it like verl.
     """
 
     def __init__(
@@ -337,8 +374,10 @@ class CEGPPOLoss(PolicyLoss):
         beta1: float = 0.5,
         beta2: float = 1.0,
         clip_c: float | None = 10.0,
+        log_ratio_clamp: float | None = None,
     ) -> None:
         check_clip(eps_low, eps_high, clip_c)
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
         if beta1 < 0 or beta2 < 0:
             raise ValueError(f"beta1/beta2 must be >= 0, got beta1={beta1!r}, beta2={beta2!r}")
         self.eps_low, self.eps_high, self.beta1, self.beta2, self.clip_c = (
@@ -352,7 +391,7 @@ class CEGPPOLoss(PolicyLoss):
     def __call__(
         self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
-        ratio, _ = importance_ratio(logprobs, batch.old_logprobs)
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
         return gppo_surrogate(
             ratio, batch.advantages, self.eps_low, self.eps_high, self.beta1, self.beta2, self.clip_c
         )
@@ -381,7 +420,8 @@ class BAPOLoss(_ScopedLoss):
     ``scope: micro`` (official) searches on the current ratio of each micro-batch, all-reduced over
     ranks. ``minibatch`` searches once in ``prepare`` on the old policy, where r = 1: the bounds
     then depend only on the advantage balance sum A+ / sum |A-| (start bounds if it meets the
-    target, else the maxima). Prefer ``micro`` to reproduce the method.
+    target, else the maxima). Prefer ``micro`` to reproduce the method. log r is clamped to
+    +-``log_ratio_clamp`` (20, as the recipe's loss; null: no clamp).
     """
 
     def __init__(
@@ -397,7 +437,9 @@ class BAPOLoss(_ScopedLoss):
         eps: float = 1e-8,
         clip_c: float | None = 3.0,
         scope: str = "minibatch",
+        log_ratio_clamp: float | None = 20.0,
     ) -> None:
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
         if not 0.0 <= c_low <= c_low_max <= 1.0:
             raise ValueError(
                 f"need 0 <= c_low <= c_low_max <= 1, got c_low={c_low!r}, c_low_max={c_low_max!r}"
@@ -419,7 +461,7 @@ class BAPOLoss(_ScopedLoss):
 
     def _search(self, batch: RolloutBatch, ratio: Tensor) -> tuple[float, float, float]:
         w = batch.weights * batch.response_mask.float()
-        adv, r = batch.advantages.float(), ratio.detach().float()
+        adv, r = promoted(batch.advantages), promoted(ratio.detach())
         pos, neg = adv.clamp_min(0) * w, (-adv).clamp_min(0) * w
         sums = [(torch.minimum(r, r.new_tensor(c)) * pos).sum() for c in self.highs]
         sums += [(torch.maximum(r, r.new_tensor(c)) * neg).sum() for c in self.lows]
@@ -443,7 +485,7 @@ class BAPOLoss(_ScopedLoss):
     def __call__(
         self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
-        ratio, _ = importance_ratio(logprobs, batch.old_logprobs)
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
         micro = self.scope == "micro"
         c_low, c_high, ratio_pn = self._search(batch, ratio) if micro else self.state_for(batch)
         loss, stats = clipped_surrogate(ratio, batch.advantages, 1.0 - c_low, c_high - 1.0, self.clip_c)
@@ -672,7 +714,7 @@ def entropy_norm_stats(
 ) -> tuple[float, float, float, float]:
     """HAPO ``compute_entropy_h`` statistics over valid tokens: pivot m = nearest rho-quantile of
     log H, RMS of (log H - m), and the largest / most negative normalised value."""
-    e, _ = gather_valid(torch.log(entropy.detach().float().clamp_min(1e-8)), mask, pooled)
+    e, _ = gather_valid(torch.log(promoted(entropy.detach()).clamp_min(1e-8)), mask, pooled)
     if e.numel() == 0:
         return 0.0, 1.0, 1e-8, -1e-8
     m = torch.sort(e).values[round(pivot * (e.numel() - 1))]  # Python round, like the official code
@@ -702,7 +744,8 @@ class HAPOClipLoss(_ScopedLoss):
     ``code_sign_quirk=True`` reproduces the official code, which divides negative h by min h (a
     negative number), so every token gets h_hat >= 0 and is treated as high-entropy.
     ``scope: minibatch`` takes the statistics over the whole mini-batch and all ranks from the old
-    policy's entropy; ``micro`` from the current entropy of each micro-batch (official).
+    policy's entropy; ``micro`` from the current entropy of each micro-batch (official). The official
+    code does not clamp log r (``log_ratio_clamp`` null); a number clamps it like verl.
     """
 
     ratio_dependent = False  # at r = 1 low-entropy tokens already get the reshaped advantage
@@ -720,7 +763,9 @@ class HAPOClipLoss(_ScopedLoss):
         adaptive_advantage: bool = True,
         code_sign_quirk: bool = False,
         scope: str = "minibatch",
+        log_ratio_clamp: float | None = None,
     ) -> None:
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
         if not 0.0 <= entropy_pivot <= 1.0:
             raise ValueError(f"entropy_pivot must be in [0, 1], got {entropy_pivot!r}")
         if clip_alpha < 0 or adv_beta < 0:
@@ -740,7 +785,7 @@ class HAPOClipLoss(_ScopedLoss):
 
     def h_hat(self, entropy: Tensor, stats: tuple[float, float, float, float]) -> Tensor:
         m, std, pos_max, neg_min = stats
-        h = (torch.log(entropy.detach().float().clamp_min(1e-8)) - m) / std
+        h = (torch.log(promoted(entropy.detach()).clamp_min(1e-8)) - m) / std
         neg_scale = 1.0 / neg_min if self.code_sign_quirk else -1.0 / neg_min
         return torch.where(h > 0, h / pos_max, h * neg_scale)
 
@@ -753,7 +798,7 @@ class HAPOClipLoss(_ScopedLoss):
             )
         else:
             hh = self.h_hat(batch.entropy, self.state_for(batch))
-        ratio, _ = importance_ratio(logprobs, batch.old_logprobs)
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
         eps_low = torch.full_like(hh, self.eps_low)
         eps_high = torch.full_like(hh, self.eps_high)
         if self.adaptive_clip:

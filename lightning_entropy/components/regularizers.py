@@ -21,6 +21,7 @@ from lightning_entropy.components.common import (
     all_reduce_max,
     all_reduce_sum,
     group_mean_std,
+    promoted,
     rank_offset,
     world_size,
 )
@@ -37,8 +38,9 @@ class StepMean:
     def add(self, values: Tensor, weights: Tensor) -> None:
         self.device = values.device
         with torch.no_grad():
-            w = weights.float()
-            v = torch.where(w > 0, values.detach().float(), torch.zeros_like(w))
+            v = promoted(values.detach())  # float64 statistics stay float64
+            w = weights.to(v.dtype)
+            v = torch.where(w > 0, v, torch.zeros_like(v))
             s = torch.stack([(v * w).sum(), w.sum()])
             self.sums = s if self.sums is None else self.sums + s
 
@@ -183,10 +185,13 @@ def clamped_entropy(logits: Tensor, clamp_p: float) -> Tensor:
 class AEnt(EntropyRegularizer):
     """AEnt, arXiv 2509.03493: L = -lam * agg(H_clamp) with clamped entropy (see ``clamped_entropy``).
 
-    After ``warmup_steps`` RL steps, once per step: lam <- clip(lam - lr * [min(0, H - low) +
+    Once per step, after the step's update: lam <- clip(lam - lr * [min(0, H - low) +
     max(0, H - high) + reg * (lam - lam_0)], coef_min, coef_max), H the step's token-mean clamped
-    entropy of the current policy. Defaults: AReaL README (lam_0 2e-4, p 0.3, band [0.05, 0.23],
-    lr 1e-3, box [1e-5, 3e-3], warm-up 29, reg 0); the verl README uses the box [4e-5, 0.1].
+    entropy of the current policy. Warm-up as AReaL ``recipe/AEnt`` (``global_step > warmup_steps``
+    with ``global_step`` counting from 0): the first update follows RL step warmup_steps + 2 (step 31
+    with the default 29, counting from 1). Defaults: AReaL README (lam_0 2e-4, p 0.3, band
+    [0.05, 0.23], lr 1e-3, box [1e-5, 3e-3], warm-up 29, reg 0); the verl README uses the box
+    [4e-5, 0.1].
     """
 
     needs_logits = True
@@ -231,8 +236,9 @@ class AEnt(EntropyRegularizer):
 
     def end_step(self, summary: dict[str, float]) -> None:
         h = self._measure.pop()
+        global_step = self.steps  # the step just finished, counted from 0 (AReaL's global_step)
         self.steps += 1
-        if not self.adaptive or h is None or self.steps < self.warmup_steps:
+        if not self.adaptive or h is None or global_step <= self.warmup_steps:
             return
         grad = min(0.0, h - self.low) + max(0.0, h - self.high) + self.reg * (self.coef - self.coef_init)
         self.coef = min(max(self.coef - self.lr * grad, self.coef_min), self.coef_max)
@@ -275,8 +281,12 @@ class SIREN(EntropyRegularizer):
     uses that step's old-policy pass; they agree until the step's first optimizer update), then fixed
     and checkpointed; the penalty is 0 during that step. A square of a mean cannot be
     split: like the official code the square is taken per micro-batch, weighted by its share of the
-    mini-batch's sequences (exact when a mini-batch is one micro-batch). Rows with no kept token are
-    excluded from H_hat. Defaults: ``exp_scripts/siren.sh`` (coef 0.005, p 0.8, k 10000, ratio 0.8).
+    mini-batch's sequences (exact when a mini-batch is one micro-batch). H_hat is the mean over every
+    response with at least one token; a response that keeps no token (a confident one, whose top-p
+    entropies are all 0, or one too short to pass its own quantile) counts as 0 in that mean, as in
+    the official ``agg_loss`` (which does not drop it). Rows without response tokens are left out
+    (the official rollouts have none). Defaults: ``exp_scripts/siren.sh`` (coef 0.005, p 0.8, k 10000,
+    ratio 0.8).
     """
 
     needs_logits = True
@@ -303,7 +313,7 @@ class SIREN(EntropyRegularizer):
 
     def peak_mask(self, h: Tensor, mask: Tensor) -> Tensor:
         with torch.no_grad():
-            x = h.detach().float().masked_fill(~mask, float("nan"))
+            x = promoted(h.detach()).masked_fill(~mask, float("nan"))
             keep = mask & (h > torch.nanquantile(x, self.lo, dim=-1, keepdim=True))
             if self.hi is not None:
                 keep &= h <= torch.nanquantile(x, self.hi, dim=-1, keepdim=True)
@@ -315,7 +325,7 @@ class SIREN(EntropyRegularizer):
         resp = batch.response_mask.bool()
         h = top_p_entropy(logits, self.top_p, self.top_k, self.include_crossing)
         keep = self.peak_mask(h, resp).float()
-        rows = keep.sum(-1) > 0
+        rows = resp.any(-1)  # every response with tokens; one that keeps none contributes 0
         per_seq = (torch.where(keep > 0, h, torch.zeros_like(h)) * keep).sum(-1) / keep.sum(-1).clamp_min(1)
         h_hat = per_seq.sum() / rows.sum().clamp_min(1)
         self.metrics.update(topp_entropy=h.detach(), kept_frac=keep, h_hat=float(h_hat.detach()))
@@ -379,7 +389,7 @@ class LpReg(EntropyRegularizer):
 
     def threshold(self, logprobs: Tensor, neg: Tensor, gather: bool) -> Tensor | None:
         """The k-th lowest log-prob among negative tokens, or None when k <= 1."""
-        vals = logprobs.detach()[neg].float()
+        vals = promoted(logprobs.detach()[neg])
         vals = all_gather_cat(vals) if gather else vals
         k = max(1, int(self.neg_fraction * vals.numel()))
         return vals.kthvalue(k).values if k > 1 else None
@@ -427,6 +437,12 @@ class AEPO(EntropyRegularizer):
     k rows of the batch with advantage 1 (``batch.advantage_override``, applied after the estimator)
     and fresh group ids, so they leave the remaining groups' statistics alone (the
     official code scored those groups before the swap). H starts at 0 like the official trainer.
+
+    H is what the official controller reads, ``actor/entropy_loss``: by default
+    (``entropy_estimate="sampled"``) the token-mean of -log pi(o_t) over the sampled tokens of the
+    step's updates (current policy), a one-sample estimate of the entropy; ``"exact"`` uses the
+    full-vocabulary entropy of the same forward passes instead. The two differ (1.648 vs 1.528 in a
+    small case); the script's ``entropy_target`` was set against the sampled estimate.
     Defaults: ``examples/qwen-math-7b-AEPO.sh`` (target 0.5, T 1.2 / 0.8, 60 samples); the commit
     07f16ff4 of the official trainer re-samples every prompt, METHODS.md's reading the first quarter.
     """
@@ -441,8 +457,16 @@ class AEPO(EntropyRegularizer):
         prompt_fraction: float = 0.25,
         adv_threshold: float = 0.05,
         eps: float = 1e-6,
+        entropy_estimate: str = "sampled",
     ) -> None:
         _check(temp_high > 0 and temp_low > 0, "temp_high/temp_low", (temp_high, temp_low), "> 0")
+        _check(
+            entropy_estimate in ("sampled", "exact"),
+            "entropy_estimate",
+            entropy_estimate,
+            "'sampled' or 'exact'",
+        )
+        self.entropy_estimate = entropy_estimate
         _check(n_reinforce >= 0, "n_reinforce", n_reinforce, ">= 0")
         _check(0 < prompt_fraction <= 1, "prompt_fraction", prompt_fraction, "in (0, 1]")
         self.target, self.t_high, self.t_low = entropy_target, temp_high, temp_low
@@ -489,7 +513,8 @@ class AEPO(EntropyRegularizer):
     def __call__(
         self, logits: Tensor | None, logprobs: Tensor, entropy: Tensor, batch: RolloutBatch, step: int
     ) -> tuple[Tensor, dict[str, Any]]:
-        self._measure.add(entropy, _resp(batch))
+        h = -logprobs if self.entropy_estimate == "sampled" else entropy
+        self._measure.add(h, _resp(batch))
         self.metrics.update(self._rollout_stats)
         return logprobs.new_zeros(()), dict(self.metrics)
 

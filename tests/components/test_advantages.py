@@ -158,6 +158,8 @@ def test_truncation_flag_is_not_read(name: str) -> None:
         ("egsw", {"mode": "token"}),
         ("riskpo", {"alpha": 0.9, "beta": 0.2}),
         ("riskpo", {"bundle_size": 0}),
+        ("passk", {"variant": "best"}),
+        ("passk", {"k": 0}),
         ("riskpo", {"credit": "shapley"}),
         ("riskpo", {"quantile_mode": "mix"}),
         ("riskpo", {"lr_q": 0.0}),
@@ -407,12 +409,12 @@ def test_entropy_adv_composition_requires_and_state() -> None:
     assert build("entropy_adv", base="ucas").requires == {"self_certainty", "sampled_logits"}
     assert build("entropy_adv").requires == frozenset()
     assert build("entropy_adv").state_dict() == {}
-    est = build("entropy_adv", base="riskpo", base_kwargs={"bundle_size": 2})
+    est = build("entropy_adv", base="riskpo", base_kwargs={"bundle_size": 2, "quantile_mode": "track"})
     batch = random_batch(seed=4)
     est(batch)
     state = est.state_dict()
     assert state["base"]["q_track"] is not None
-    twin = build("entropy_adv", base="riskpo", base_kwargs={"bundle_size": 2})
+    twin = build("entropy_adv", base="riskpo", base_kwargs={"bundle_size": 2, "quantile_mode": "track"})
     twin.load_state_dict(state)
     assert torch.equal(est(batch), twin(batch))
     with pytest.raises(ValueError):
@@ -542,7 +544,7 @@ def test_riskpo_credit_modes() -> None:
 
 
 def test_riskpo_quantile_tracking_and_resume() -> None:
-    est = build("riskpo", bundle_size=2, credit="uniform")
+    est = build("riskpo", bundle_size=2, credit="uniform", quantile_mode="track")
     first = est(_risk_batch())  # warm-up: bundle quantiles, then q <- quantile of all papers
     assert torch.allclose(seq(first), torch.tensor(RISK_UNIFORM), atol=1e-4)
     # all papers [1, 0, 2, 1, 0]: torch.quantile at 0.2 -> 0.0, at 0.9 -> 1.6
@@ -557,10 +559,31 @@ def test_riskpo_quantile_tracking_and_resume() -> None:
     assert torch.allclose(seq(second), torch.tensor(expected), atol=1e-4)
     # SGD step: q_a += 0.1 (0.2 - mean[S < 0]) = 0.02; q_b += 0.1 (0.9 - 4/5) = 1.61
     assert est.state_dict()["q_track"] == pytest.approx([0.02, 1.61])
-    resumed = build("riskpo", bundle_size=2, credit="uniform")
+    resumed = build("riskpo", bundle_size=2, credit="uniform", quantile_mode="track")
     resumed.load_state_dict(saved)
     assert torch.equal(resumed(_risk_batch()), second)
     assert resumed.state_dict() == est.state_dict()
+
+
+def test_riskpo_default_is_batch_quantiles() -> None:
+    # the official trainer never feeds its tracked quantile into the advantage: batch is the default
+    est = build("riskpo", bundle_size=2, credit="uniform")
+    assert est.quantile_mode == "batch"
+    for _ in range(2):  # no state carried over: the same answer every call
+        assert torch.allclose(seq(est(_risk_batch())), torch.tensor(RISK_UNIFORM), atol=1e-4)
+    assert est.state_dict() == {"q_track": None}
+
+
+def test_riskpo_tracked_quantiles_on_a_zero_std_bundle_stay_bounded() -> None:
+    est = build("riskpo", bundle_size=2, credit="uniform", quantile_mode="track")
+    est(_risk_batch())  # warm-up: q_track = [0, 1.6]
+    wrong = make_batch([0.0] * 9, [g for g, _ in RISK_ROWS])  # every response wrong: every S = 0, std 0
+    adv = seq(est(wrong))
+    # S = 0 against q_a = 0, q_b = 1.6: g = (0 - 1.6)/(0.7 + 1e-6), c = 0; A = g/2.5, divided by 1 (not eps)
+    a = (-1.6 / (0.7 + 1e-6)) / 2.5 / (1 + 1e-6)
+    in_paper = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)  # row 8, Q20 4th: no paper
+    assert torch.allclose(adv[in_paper], torch.full((8,), a), atol=1e-6)
+    assert (adv[~in_paper] == 0).all() and adv.abs().max() < 1.0  # was 5.5e6-scale before the guard
 
 
 def test_riskpo_std_credit_floor() -> None:
@@ -583,15 +606,55 @@ def test_riskpo_edges() -> None:
 # ---- pass@k best-minus-second, OPO, REINFORCE++-baseline, HAPO -------------------------------
 
 
-def test_passk_hand_case_and_edges() -> None:
+def test_passk_verl_best_minus_second_others_zero() -> None:
+    # verl compute_grpo_passk_outcome_advantage: only the group's best response moves, by r_max - r_second
     batch = make_batch(
-        [0.1, 0.7, 0.4, 0.2, 0.9, 0.5, 0.9, 1, 1, 0, 0, 0.3], [0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4]
+        [0.1, 0.7, 0.4, 1, 1, 1, 0, 1, 0.2, 0.9, 0.5, 0.9, 0.3], [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3]
     )
-    adv = seq(build("passk")(batch))
-    expected = [0.1 - 0.7, 0.7 - 0.4, 0.4 - 0.7, 0.2 - 0.9, 0.0, 0.5 - 0.9, 0.0, 0, 0, 0, 0, 0.3]
-    assert torch.allclose(adv, torch.tensor(expected), atol=1e-6)
-    binary = seq(build("passk")(make_batch([0, 1, 0, 0], [0] * 4)))
-    assert torch.equal(binary, torch.tensor([-1.0, 1, -1, -1]))
+    raw = seq(build("passk", variant="verl", norm_std=False)(batch))
+    # [1,1,1,0,1]: r_max = r_second = 1 -> all 0 (the old estimator gave -1 to the 0); ties at 0.9 -> 0;
+    # a group of one keeps its reward
+    assert torch.allclose(raw, torch.tensor([0, 0.3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.3]), atol=1e-7)
+    normed = seq(build("passk", variant="verl")(batch))
+    assert normed[1].item() == pytest.approx(0.3 / (0.3 + 1e-6), abs=1e-6)  # std([0.1, 0.7, 0.4]) = 0.3
+    assert (normed[[0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]] == 0).all()
+    single = make_batch([0, 1, 0, 0], [0] * 4)
+    assert torch.allclose(
+        seq(build("passk", variant="verl", norm_std=False)(single)), torch.tensor([0.0, 1, 0, 0])
+    )
+
+
+def test_passk_analytic_hand_cases() -> None:
+    # n=4, c=1, k=2: rho = 1 - C(3,2)/C(4,2) = 1/2, sigma = 1/2; A+ = (1/2)/s, A- = (1/2 - C(2,1)/C(3,1))/s
+    s = 0.5 + 1e-6
+    adv = seq(build("passk", k=2)(make_batch([0, 1, 0, 0], [0] * 4)))
+    assert torch.allclose(adv, torch.tensor([-1 / 6 / s, 0.5 / s, -1 / 6 / s, -1 / 6 / s]).float(), atol=1e-6)
+    # n=5, c=2, k=3: rho = 1 - C(3,3)/C(5,3) = 0.9, sigma = 0.3; A+ = 0.1/s, A- = (0.1 - C(2,2)/C(4,2))/s
+    s = 0.3 + 1e-6
+    adv = seq(build("passk", k=3)(make_batch([1, 0, 0, 1, 0], [0] * 5)))
+    pos, neg = 0.1 / s, (0.1 - 1 / 6) / s
+    assert torch.allclose(adv, torch.tensor([pos, neg, neg, pos, neg]), atol=1e-6)
+    # k = 1 is GRPO with the population std: p = 1/4 -> A+ = 0.75/sqrt(3/16), A- = -0.25/sqrt(3/16)
+    adv = seq(build("passk", k=1)(make_batch([1, 0, 0, 0], [0] * 4)))
+    sd = math.sqrt(3 / 16) + 1e-6
+    assert torch.allclose(adv, torch.tensor([0.75 / sd, -0.25 / sd, -0.25 / sd, -0.25 / sd]), atol=1e-6)
+    # partial credit binarised at 0.5: [0.9, 0.2, 0.6, 0.1] is c=2 of n=4, k=2: rho = 5/6
+    sd = math.sqrt(5 / 36) + 1e-6
+    adv = seq(build("passk", k=2)(make_batch([0.9, 0.2, 0.6, 0.1], [0] * 4)))
+    pos, neg = (1 / 6) / sd, (1 / 6 - 1 / 3) / sd
+    assert torch.allclose(adv, torch.tensor([pos, neg, pos, neg]), atol=1e-6)
+
+
+def test_passk_analytic_edges() -> None:
+    # fewer than k wrong (n - c < k): every k-subset passes, rho = 1 -> 0; all wrong -> 0; all right -> 0
+    for rewards in ([1, 0, 1], [0, 0, 0], [1, 1, 1]):
+        assert (build("passk", k=3)(make_batch(rewards, [0] * 3)) == 0).all()
+    # groups smaller than k use k = n; a group of one gets 0 (rho is 0 or 1); ties are exact
+    adv = seq(build("passk", k=8)(make_batch([1, 0, 1, 0, 1], [0, 0, 1, 1, 2])))
+    # n=2, c=1, k=2: rho = 1 -> 0
+    assert torch.equal(adv, torch.zeros(5))
+    same = build("passk", k=2)(make_batch([1, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1]))
+    assert torch.equal(same[:3], same[3:])
 
 
 def test_opo_hand_case_and_edges() -> None:
@@ -642,7 +705,7 @@ DIST_CASES = [
     ("ucas", {}),
     ("canon", {"anneal": True}),
     ("riskpo", {"bundle_size": 2, "quantile_mode": "batch"}),  # bundle {2, 3} straddles the ranks
-    ("riskpo", {"bundle_size": 2}),
+    ("riskpo", {"bundle_size": 2, "quantile_mode": "track"}),
     ("qae", {}),
 ]
 
@@ -676,3 +739,74 @@ def test_statistics_are_taken_across_ranks(tmp_path) -> None:
             assert torch.allclose(adv, ref[rows], atol=1e-5), name
             for key, value in metrics.items():
                 assert torch.allclose(value.float(), est.metrics[key].float(), atol=1e-5), (name, key)
+
+
+# ---- issue 11: fidelity -----------------------------------------------------------------------
+
+
+def _equal_batch(value: float, dtype: torch.dtype = torch.float32) -> RolloutBatch:
+    """Two groups of eight equal, non-dyadic rewards; ragged lengths with an empty and a truncated
+    response; constant entropy, certainty and logits, and paired rewards equal to the rewards."""
+    lengths = [0, 6, 3, 6, 5, 1, 2, 4] * 2
+    B = len(lengths)
+    batch = make_batch(
+        [value] * B,
+        [0] * 8 + [1] * 8,
+        lengths=lengths,
+        T=6,
+        entropy=torch.full((B, 6), 0.7),
+        self_certainty=torch.full((B, 6), 2.0),
+        sampled_logits=torch.full((B, 6), 3.0),
+    )
+    batch.rewards = torch.full((B,), value, dtype=dtype)
+    batch.paired_rewards = batch.rewards.clone()
+    return batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [0.9, 0.3, 1 / 3])
+@pytest.mark.parametrize("name", ADVANTAGES.names())
+def test_all_equal_non_dyadic_rewards_give_exactly_zero(name: str, value: float, dtype: torch.dtype) -> None:
+    # METHODS.md §0: an all-equal group has no signal; float32 group statistics used to leave
+    # rounding noise (grpo -0.056 on eight 0.9s). UCAS keeps its -gamma*lhat token penalty: with equal
+    # logits lhat = 0.5, so every valid token gets exactly -0.05 * 0.5.
+    batch = _equal_batch(value, dtype)
+    adv = build(name)(batch)
+    mask = batch.response_mask.bool()
+    expected = torch.where(mask, -0.025 if name == "ucas" else 0.0, 0.0)
+    assert torch.equal(adv, expected.to(adv.dtype)), (name, adv[mask].unique())
+
+
+def test_ucas_all_equal_rewards_take_the_penalty_branch() -> None:
+    # eight 0.9 rewards: A_i m_i is exactly 0, so the branch is the unfloored one: A_t = -gamma * lhat_t
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 4 + [[4.0, 5.0, 6.0, 7.0]] * 4)
+    batch = make_batch(
+        [0.9] * 8,
+        [0] * 8,
+        lengths=[4] * 8,
+        self_certainty=torch.arange(32.0).view(8, 4),
+        sampled_logits=logits,
+    )
+    adv = build("ucas")(batch)
+    lhat = logits / (7.0 + 1e-6)
+    assert torch.allclose(adv, -0.05 * lhat, atol=1e-7)
+    assert (adv[:, 0] <= 0).all() and adv[0, 0] == 0  # the lowest logit: exactly 0, never positive
+
+
+def test_hapo_token_code_padding_quirk() -> None:
+    # near-1 partial credit: tokens 0.95 x 2, 0.9 x 3 -> mu = 0.92, population sigma = sqrt(0.0006)
+    batch = make_batch([0.95, 0.9], [0, 0], lengths=[2, 3], T=4)
+    s = math.sqrt(0.0006) + 1e-6
+    intended = seq(build("hapo_token")(batch))
+    assert torch.allclose(intended, torch.tensor([0.03 / s, -0.02 / s]).float(), atol=1e-4)  # |A| < 5
+    # the official code also tests the padding positions: (0 - 0.92)/sigma = -37.6 -> GRPO fallback
+    quirk = seq(build("hapo_token", code_padding_quirk=True)(batch))
+    g = 0.025 / (math.sqrt(0.00125) + 1e-6)
+    assert torch.allclose(quirk, torch.tensor([g, -g]), atol=1e-5)
+    # no padding (every response fills T): the quirk changes nothing
+    full = make_batch([0.95, 0.9, 0.9], [0, 0, 0], lengths=[4, 4, 4])
+    assert torch.equal(build("hapo_token", code_padding_quirk=True)(full), build("hapo_token")(full))
+    # an empty response is all padding: tested with the quirk, skipped by the intended rule
+    empty = make_batch([0.95, 0.9, 0.9], [0, 0, 0], lengths=[0, 4, 4])
+    assert build("hapo_token")(empty)[1, 0].item() == 0.0  # mu = 0.9 over the tokens: no fallback
+    assert build("hapo_token", code_padding_quirk=True)(empty)[1, 0].item() < 0  # GRPO: 0.9 < mean

@@ -594,3 +594,99 @@ def test_two_ranks_match_one_rank(tmp_path):
     for (cls, kwargs), g2 in zip(DIST_CASES, grads):
         _, g1, _ = run(cls(**kwargs), cur, batch, ent_cur, micro=4)
         assert torch.allclose(g1, g2, atol=1e-5), cls.__name__
+
+
+# --------------------------------------------------------------------------------------------
+# issue 11: log-ratio clamp only where the official code clamps; float64 statistics stay float64
+
+
+def _one_far_token(adv: float = 0.0) -> tuple[RolloutBatch, torch.Tensor]:
+    """Eight tokens; the first has log r = 25 and the largest covariance (A and log pi both extreme)."""
+    advs = [[adv] + [0.0] * 7]
+    batch = make_batch(advs, torch.full((1, 8), -30.0))
+    cur = torch.full((1, 8), -30.0)
+    cur[0, 0] = -5.0  # log r = 25
+    return batch, cur
+
+
+def test_kl_cov_does_not_clamp_the_log_ratio_like_the_code():
+    # A = 0 everywhere except the first token (tiny, so Cov picks it): the loss is |log r| = 25 on it,
+    # token-mean over 8 tokens 25/8 = 3.125 (the code); a +-20 clamp gave 20/8 = 2.5
+    batch, cur = _one_far_token(adv=1e-12)
+    fn = KLCovLoss(kl_cov_ratio=1 / 8, scope="micro")
+    total, _, _ = run(fn, cur, batch, batch.entropy)
+    assert total.item() == pytest.approx(25 / 8 - 1e-12 * math.exp(25) / 8, rel=1e-5)
+    assert total.item() == pytest.approx(3.125 - 0.0090, abs=1e-3)
+    clamped, _, _ = run(
+        KLCovLoss(kl_cov_ratio=1 / 8, scope="micro", log_ratio_clamp=20.0), cur, batch, batch.entropy
+    )
+    assert clamped.item() == pytest.approx(20 / 8 - 1e-12 * math.exp(20) / 8, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "clamps"),
+    [
+        (PPOLoss, {"clip_c": None, "eps_high": 1e12}, True),
+        (BAPOLoss, {"c_high": 1e12, "c_high_max": 1e12}, True),
+        (ClipCovLoss, {"eps_high": 1e12}, False),
+        (CEGPPOLoss, {"eps_high": 1e12}, False),
+        (HAPOClipLoss, {"eps_high": 1e12, "adaptive_clip": False, "adaptive_advantage": False}, False),
+    ],
+)
+def test_log_ratio_clamp_only_where_the_official_code_clamps(cls, kwargs, clamps):
+    # A = 1 on the far token with the upper clip out of the way: the loss value is -r = -exp(log r)
+    batch, cur = _one_far_token(adv=1.0)
+    loss, _, _ = per_token_grad(cls(**kwargs), cur, batch)
+    expected = -math.exp(20.0 if clamps else 25.0)
+    assert loss[0, 0].item() == pytest.approx(expected, rel=1e-5)
+    toggled = cls(**kwargs, log_ratio_clamp=None if clamps else 20.0)
+    loss, _, _ = per_token_grad(toggled, cur, batch)
+    assert loss[0, 0].item() == pytest.approx(-math.exp(25.0 if clamps else 20.0), rel=1e-5)
+    with pytest.raises(ValueError, match="log_ratio_clamp"):
+        cls(log_ratio_clamp=0.0)
+
+
+def test_float64_statistics_are_not_downcast():
+    from lightning_entropy.components.losses import agg_sums, centred_cov
+
+    d = torch.tensor([[1.0, -1.0, 2.0, -2.0]], dtype=torch.float64) * 1e-9
+    batch = make_batch([[0.0] * 4], torch.zeros(1, 4))
+    batch.advantages = 1.0 + d  # float32 would see four equal advantages: Cov = 0
+    valid = batch.response_mask.bool()
+    cov = centred_cov(batch, -2.0 + d, valid, pooled=False)
+    assert cov.dtype == torch.float64
+    assert torch.allclose(cov, d * d, rtol=1e-6, atol=0)
+    sums = agg_sums(0.1 + d, batch.response_mask, pooled=False)
+    assert sums[0] == pytest.approx(0.4, abs=1e-15)  # float32 gives 0.4000000059604645
+
+
+def test_hapo_h_hat_and_adaptive_eps_keep_float64():
+    # entropies e^(k 1e-9): float32 rounds them all to 1 (h_hat 0); float64 resolves them
+    ent = torch.exp(torch.tensor([[-2.0, -1.0, 0.0, 1.0, 2.0]], dtype=torch.float64) * 1e-9)
+    batch = make_batch([[1.0] * 5], torch.zeros(1, 5))
+    batch.entropy = ent
+    st = HAPOClipLoss(entropy_pivot=0.5)(torch.zeros(1, 5, dtype=torch.float64), batch, None)[1]
+    assert st["h_hat"].dtype == torch.float64
+    assert torch.allclose(
+        st["h_hat"], torch.tensor([[-1.0, -0.5, 0.0, 0.5, 1.0]], dtype=torch.float64), atol=1e-6
+    )
+    assert torch.allclose(st["eps_low_eff"][0, :2], torch.tensor([0.4, 0.3], dtype=torch.float64), atol=1e-7)
+
+
+def test_bapo_pn_sums_keep_float64():
+    # P = 1, N = 1 + 1e-12: P/N < 1 in float64 (search to the maxima); float32 sees P/N = 1 (no search)
+    adv = torch.tensor([[1.0, -(1.0 + 1e-12)]], dtype=torch.float64)
+    batch = make_batch([[0.0, 0.0]], torch.zeros(1, 2))
+    batch.advantages = adv
+    fn = BAPOLoss(eps=1e-300, scope="micro")
+    _, st = fn(torch.zeros(1, 2, dtype=torch.float64), batch, batch.entropy)
+    assert st["c_low"].item() == pytest.approx(0.8) and st["c_high"].item() == pytest.approx(2.0)
+
+
+def test_entropic_controller_entropy_keeps_float64():
+    batch = make_batch([[1.0, -1.0]], torch.zeros(1, 2))
+    batch.entropy = torch.full((1, 2), 0.1 + 1e-9, dtype=torch.float64)
+    fn = EntroPICLoss(target_entropy=0.1, kp=1.0, ki=0.0)
+    fn.prepare(batch)
+    fn(torch.zeros(1, 2, dtype=torch.float64), batch, batch.entropy)
+    assert fn.alpha == pytest.approx(1e-9, rel=1e-6)  # float32 entropy gives 1.49e-9

@@ -265,9 +265,11 @@ def test_aent_loss_and_adaptive_coefficient():
     )
     loss, stats = reg(z, None, None, batch, 0)
     assert loss.item() == pytest.approx(-0.1 * math.log(2), abs=1e-6)
-    reg.end_step({})
-    assert reg.coef == 0.1  # warm-up: step 1 < 2
-    reg(z, None, None, batch, 1)
+    for step in range(3):  # warm-up: AReaL updates only when global_step (from 0) > 2
+        reg(z, None, None, batch, step)
+        reg.end_step({})
+        assert reg.coef == 0.1
+    reg(z, None, None, batch, 3)
     reg.end_step({})
     assert reg.coef == pytest.approx(0.1 - (math.log(2) - 0.8), abs=1e-6)  # below the band: coef rises
     z_warm = torch.zeros(2, 3, 6)  # clamped entropy log 3 > 1.0: coef falls
@@ -278,6 +280,25 @@ def test_aent_loss_and_adaptive_coefficient():
     reg(torch.zeros(2, 3, 16), None, None, batch, 3)  # log 8: 0.05 - 1.08 < 0
     reg.end_step({})
     assert reg.coef == 0.0  # clipped to coef_min
+
+
+def test_aent_first_update_after_step_31_with_the_default_warm_up():
+    # AReaL recipe/AEnt: `if adaptive_coeff and global_step > warmup_steps`, global_step from 0
+    reg = AEnt(coef_lr=1.0, coef_min=0.0, coef_max=1.0)  # warmup_steps 29
+    batch = make_batch(B=2, T=3, lengths=[3, 2])
+    z = torch.zeros(2, 3, 10)  # clamped entropy log 7 > 0.23: the coefficient falls once updated
+    coefs = []
+    for step in range(32):
+        reg(z, None, None, batch, step)
+        reg.end_step({})
+        coefs.append(reg.coef)
+    assert coefs[:30] == [2e-4] * 30  # steps 1..30 (global_step 0..29)
+    assert coefs[30] == 0.0  # step 31 (global_step 30): 2e-4 - (log 7 - 0.23), clipped to coef_min
+    fresh = AEnt()
+    fresh.load_state_dict({"coef": 2e-4, "steps": 30})
+    fresh(z, None, None, batch, 30)
+    fresh.end_step({})
+    assert fresh.coef == 1e-5  # resumed at global_step 30: updates (default lr 1e-3 -> the box floor)
 
 
 def test_aent_pools_entropy_over_micro_batches_and_regularises_toward_initial_coef():
@@ -355,7 +376,8 @@ def test_siren_peak_mask_per_sequence_quantile():
 
 
 def siren_h_hat(z, mask, reg):
-    """H_hat by hand: nucleus entropies, per-row quantile mask, mean over rows with a kept token."""
+    """H_hat by hand: nucleus entropies, per-row quantile mask, mean over rows with response tokens
+    (a row that keeps no token counts 0, as the official agg_loss)."""
     probs = torch.softmax(z, -1).tolist()
     rows = []
     for b in range(z.shape[0]):
@@ -366,8 +388,7 @@ def siren_h_hat(z, mask, reg):
         pos = reg.lo * (len(s) - 1)
         q = s[int(pos)] + (pos - int(pos)) * (s[min(int(pos) + 1, len(s) - 1)] - s[int(pos)])
         kept = [x for x in hs if x > q]
-        if kept:
-            rows.append(sum(kept) / len(kept))
+        rows.append(sum(kept) / len(kept) if kept else 0.0)
     return sum(rows) / len(rows)
 
 
@@ -394,6 +415,26 @@ def test_siren_anchor_from_first_step_then_squared_penalty():
     fresh = SIREN(coef=0.5, top_p=0.9, mask_ratio=0.5)
     fresh.load_state_dict(reg.state_dict())
     assert fresh(z1, None, None, batch, 2)[0].item() == pytest.approx(loss.item())
+
+
+def test_siren_confident_response_counts_as_zero_in_the_mean():
+    # three responses; the third is confident (top token p = 0.9 >= top_p 0.8 at every position: empty
+    # nucleus, top-p entropy 0) and keeps no token. Official agg_loss: H_hat = (h0 + h1 + 0) / 3.
+    probs = [[0.4, 0.3, 0.2, 0.1], [0.5, 0.2, 0.2, 0.1], [0.3, 0.3, 0.3, 0.1], [0.6, 0.2, 0.1, 0.1]]
+    confident = [0.9, 0.05, 0.03, 0.02]
+    z = torch.tensor([probs, probs[::-1], [confident] * 4]).log()
+    batch = make_batch(B=3, T=4, lengths=[4, 4, 4])
+    reg = SIREN(top_p=0.8, mask_ratio=0.5)
+    reg(z, None, None, batch, 0)
+    h = [[nucleus_entropy(p, 0.8) for p in row] for row in (probs, probs[::-1])]
+    # each of the first two rows keeps its top half (above the linear median): the same two values
+    kept = sorted(h[0])[2:]
+    assert sorted(h[1])[2:] == kept
+    expected = 2 * (sum(kept) / 2) / 3
+    assert reg.metrics["h_hat"] == pytest.approx(expected, abs=1e-6)
+    assert reg.metrics["h_hat"] == pytest.approx(siren_h_hat(z, batch.response_mask.bool(), reg), abs=1e-6)
+    reg.end_step({})
+    assert reg.anchor == pytest.approx(expected, abs=1e-6)  # not (h0 + h1) / 2 = 1.5 x larger
 
 
 def test_siren_micro_batch_weight_is_its_share_of_sequences():
@@ -515,9 +556,9 @@ def test_aepo_cold_step_halves_and_caps():
     batch = make_batch(B=8, T=5, lengths=[5] * 8)
     batch.group_ids = torch.arange(8) // 2
     reg = AEPO(n_reinforce=3, entropy_target=0.5, prompt_fraction=1.0)
-    reg(None, torch.zeros(8, 5), torch.full((8, 5), 0.9), make_batch(B=8, T=5, lengths=[5] * 8), 0)
+    reg(None, torch.full((8, 5), -0.9), torch.full((8, 5), 0.2), make_batch(B=8, T=5, lengths=[5] * 8), 0)
     reg.end_step({})
-    assert reg.prev_entropy == pytest.approx(0.9)
+    assert reg.prev_entropy == pytest.approx(0.9)  # -mean log pi of the sampled tokens
     calls = []
     out = reg.modify_rollout(batch, fake_resample([1.0, 0.0], 2, calls))
     assert calls[0][1] == 0.8  # entropy above target: low temperature
@@ -526,6 +567,24 @@ def test_aepo_cold_step_halves_and_caps():
     fresh = AEPO()
     fresh.load_state_dict(reg.state_dict())
     assert fresh.prev_entropy == reg.prev_entropy
+
+
+def test_aepo_controller_reads_the_sampled_token_estimate():
+    # official actor/entropy_loss: token-mean of -log pi(o_t); exact entropy as an option
+    batch = make_batch(B=3, T=4, lengths=[4, 2, 0])  # ragged, with an empty response
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, -0.1], [-3.0, -0.2, -9.0, -9.0], [-9.0] * 4])
+    entropy = torch.tensor([[1.0, 1.2, 0.8, 0.6], [2.0, 0.4, 5.0, 5.0], [5.0] * 4])
+    sampled, exact = AEPO(), AEPO(entropy_estimate="exact")
+    for half in (slice(0, 2), slice(2, 3)):  # two micro-batches, pooled token-weighted
+        micro = batch.index(list(range(3))[half])
+        sampled(None, logprobs[half], entropy[half], micro, 0)
+        exact(None, logprobs[half], entropy[half], micro, 0)
+    sampled.end_step({})
+    exact.end_step({})
+    assert sampled.prev_entropy == pytest.approx((1.0 + 2.0 + 0.5 + 0.1 + 3.0 + 0.2) / 6)
+    assert exact.prev_entropy == pytest.approx((1.0 + 1.2 + 0.8 + 0.6 + 2.0 + 0.4) / 6)
+    with pytest.raises(ValueError, match="entropy_estimate"):
+        AEPO(entropy_estimate="full")
 
 
 def test_aepo_no_positive_samples_leaves_the_batch_alone():

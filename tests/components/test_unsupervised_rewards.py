@@ -192,3 +192,21 @@ def test_constant_reward_makes_group_advantages_zero():
 def test_bad_hyperparameters_fail_naming_the_parameter(name, kwargs):
     with pytest.raises(ValueError, match=list(kwargs)[0]):
         REWARDS.get(name)(**kwargs)
+
+
+def test_em_configs_follow_the_paper():
+    # arXiv 2505.15134 (METHODS.md §8.5): EM-RL is REINFORCE with an RLOO baseline; EM-FT averages the
+    # token entropy per response, then over responses (seq-mean-token-mean)
+    from pathlib import Path
+
+    from lightning_entropy.config import load_config, validate
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    rl = load_config(root / "em_rl.yaml")
+    validate(rl)
+    assert rl.reward.name == "em_rl" and rl.advantage.name == "rloo"
+    # one on-policy update per step: PPO's ratio is exactly 1, its loss the REINFORCE -A log pi
+    assert rl.loss.name == "ppo" and rl.algo.ppo_epochs == 1 and rl.algo.mini_batch_size is None
+    ft = load_config(root / "em_ft.yaml")
+    validate(ft)
+    assert ft.regularizer.name == "em_ft" and ft.loss.agg == "seq-mean-token-mean"

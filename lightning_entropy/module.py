@@ -23,7 +23,9 @@ from lightning_entropy import metrics as M
 from lightning_entropy import ops
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
 from lightning_entropy.components.common import all_reduce_sum, is_distributed, masked_sum, world_size
+from lightning_entropy.components.rewards import call_reward
 from lightning_entropy.config import COMPONENT_SECTIONS, build_component
+from lightning_entropy.export import drop_reference_weights, restore_reference_weights
 from lightning_entropy.models import load_policy, load_tokenizer
 
 
@@ -77,6 +79,7 @@ class RLVRModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.rl_step = 0
+        self.last_rollout: RolloutBatch | None = None
         self.last_validation: dict[str, float] = {}
         self._needs = set().union(*(c.requires for c in comps.values()))
         self._warned_on_policy = False
@@ -101,11 +104,14 @@ class RLVRModule(L.LightningModule):
             return
         m = self.cfg.model
         self.policy = load_policy(
-            self.policy_path, dtype=m.dtype, gradient_checkpointing=m.gradient_checkpointing
+            self.policy_path,
+            dtype=m.dtype,
+            gradient_checkpointing=m.gradient_checkpointing,
+            no_dropout=m.get("disable_dropout", True),
         )
         self.policy.train()  # from_pretrained returns eval mode; log-prob passes switch to eval themselves
         if self.uses_ref:
-            self.ref_policy = load_policy(self.policy_path, dtype=m.dtype)
+            self.ref_policy = load_policy(self.policy_path, dtype=m.dtype)  # frozen, eval: no dropout
             self.ref_policy.requires_grad_(False).eval()
 
     def configure_optimizers(self) -> Any:
@@ -220,7 +226,8 @@ class RLVRModule(L.LightningModule):
     def score(self, batch: RolloutBatch, references: list[str | None], reward_fn: Any) -> None:
         prompts = [i["prompt"] for i in batch.info]
         completions = [i["completion"] for i in batch.info]
-        rewards, infos = reward_fn(prompts, completions, references)
+        strict = bool(self.cfg.reward.get("strict", False))
+        rewards, infos = call_reward(reward_fn, prompts, completions, references, strict=strict)
         batch.rewards = rewards.to(batch.response_ids.device, torch.float32)
         for i, extra in enumerate(infos):
             batch.info[i].update(extra, reference=references[i])
@@ -272,6 +279,7 @@ class RLVRModule(L.LightningModule):
             vals = torch.tensor([o for o in overrides if o is not None], device=batch.rewards.device)
             batch.advantages[rows] = vals.unsqueeze(-1) * batch.response_mask[rows]
         self._log_rollout(batch)
+        self.last_rollout = batch  # read by loggers.SampleTable after the step
         self._update(batch, step)
         self.rl_step += 1
         summary = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
@@ -562,8 +570,13 @@ class RLVRModule(L.LightningModule):
             "rng": _rng_state(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
+        drop_reference_weights(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_reference_weights(checkpoint, self.ref_policy)
+        self._load_rl_state(checkpoint)
+
+    def _load_rl_state(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["lightning_entropy"]
         self.rl_step = int(state["rl_step"])
         for s, c in self._components().items():

@@ -187,6 +187,20 @@ def load_config(
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as err:
             raise ConfigError(f"bad override {overrides}: {err}") from err
+        except Exception as err:  # a YAML parse error of one value: `data.template={prompt} ...`
+            first = " ".join(str(err).split())[:160]
+            raise ConfigError(
+                f"bad override {overrides}: a value does not parse as YAML ({first}); quote values that "
+                "start with { or [ or contain ': ', e.g. 'data.template=\"{prompt} Answer:\"'"
+            ) from err
+    if overrides:
+        for ov in overrides:  # `key=#### (.+)` is YAML for a comment: null, not the user's text
+            key, raw = ov.split("=", 1)
+            if raw.strip().lower() not in ("", "null", "~") and OmegaConf.select(layers[-1], key) is None:
+                raise ConfigError(
+                    f"override '{ov}': the value parses as YAML null (a '#' starts a comment); quote it, "
+                    f"e.g. \"{key}='{raw}'\""
+                )
     for i, layer in enumerate(layers):
         where = str(path) if (path is not None and i == 0) else "command-line override"
         # a component swapped by name drops the old one's hyperparameters

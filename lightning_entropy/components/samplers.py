@@ -121,7 +121,6 @@ class HFSampler(Sampler):
             # a model's generation_config fills every setting left unset here (Qwen-Instruct ships
             # repetition_penalty=1.05): pin them so the sampling distribution is the trained one
             repetition_penalty=1.0,
-            min_length=0,
             min_new_tokens=0,
             no_repeat_ngram_size=0,
             typical_p=1.0,

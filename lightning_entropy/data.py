@@ -480,7 +480,7 @@ def records_to_examples(
         )
         top = {prompt_key.split(".")[0], (answer_key or "").split(".")[0]}
         meta = {k: v for k, v in rec.items() if k not in top}
-        meta["row"] = row
+        meta["row"], meta["where"] = row, where
         if messages is not None:
             meta["messages"] = messages
         out.append(Example(plain_text(messages) if messages else value, answer, meta))
@@ -672,11 +672,10 @@ class PromptDataModule(L.LightningDataModule):
             n_tokens = len(encode_prompt(self.tokenizer, text))
             if self.max_prompt_tokens is not None and n_tokens > self.max_prompt_tokens:
                 if self.long_prompts == "error":
-                    where = self.path or self.task.describe()
+                    where = ex.meta.get("where") or f"{self.task.describe()} {split} problem {ex.prompt!r}"
                     raise DataError(
-                        f"{where}: {split} record {ex.meta.get('row', '?')} has a {n_tokens}-token prompt, "
-                        f"over data.max_prompt_tokens={self.max_prompt_tokens} (set data.long_prompts=drop "
-                        "to skip such prompts)"
+                        f"{where}: a {n_tokens}-token prompt, over data.max_prompt_tokens="
+                        f"{self.max_prompt_tokens} (set data.long_prompts=drop to skip such prompts)"
                     )
                 too_long.append(n_tokens)
                 continue

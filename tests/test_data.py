@@ -187,10 +187,10 @@ def test_jsonl_parquet_and_json_files_load_alike(tmp_path):
     for source in (jsonl, str(parquet), str(tmp_path / "p.json")):
         exs = load_examples(source, prompt_key="q", answer_key="a")
         assert [(e.prompt, e.answer) for e in exs] == [("1+1=", "2"), ("2+2=", "4")]
-        assert exs[1].meta == {"row": 1, "level": "hard"}
+        assert {k: v for k, v in exs[1].meta.items() if k != "where"} == {"row": 1, "level": "hard"}
     unsupervised = load_examples(jsonl, prompt_key="q", answer_key=None)
     assert [e.answer for e in unsupervised] == [None, None]
-    assert unsupervised[0].meta == {"row": 0, "a": 2, "level": "easy"}
+    assert unsupervised[0].meta == {"row": 0, "where": f"{jsonl}:1", "a": 2, "level": "easy"}
     assert len(load_examples(jsonl, prompt_key="q", answer_key="a", n=1)) == 1
 
 

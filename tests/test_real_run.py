@@ -199,7 +199,7 @@ def test_too_long_prompts_are_dropped_and_counted(tmp_path, real, capsys):
     assert kept and all(len(tok(e.prompt)["input_ids"]) <= limit for e in kept)
     assert 0 < sum(dm.dropped.values()) == sum(n > limit for n in lengths) < len(lengths)
     assert "dropped" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"mixed\.jsonl: train record \d+ has a \d+-token prompt"):
+    with pytest.raises(ValueError, match=r"mixed\.jsonl:\d+: a \d+-token prompt, over"):
         PromptDataModule(task=None, path=str(path), prompt_key="question", val_size=3).prepare(
             tok, limit, "error"
         )

@@ -222,3 +222,48 @@ def test_failure_after_run_dir_before_first_step_leaves_nothing(tmp_path, real):
     )
     assert out.returncode != 0
     assert not (tmp_path / "runs" / "x").exists()
+
+
+RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipes_run_on_a_local_model_folder(tmp_path, real, recipe):
+    from lightning_entropy.__main__ import main
+
+    from ._real_models import QUESTIONS
+
+    if "gsm8k" in recipe.stem:
+        data = real["gsm"]
+    else:
+        data = tmp_path / "math.jsonl"
+        rows = [{"problem": q, "solution": f"Adding gives $\\boxed{{{a}}}$."} for q, a in QUESTIONS]
+        data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = [
+        "fit",
+        "--config",
+        str(recipe),
+        f"model.name_or_path={real['llama']}",
+        f"data.path={data}",
+        "model.dtype=float32",
+        "model.gradient_checkpointing=false",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=1",
+        "data.train_size=20",
+        "data.val_size=2",
+        "data.prompts_per_step=2",
+        "sampler.group_size=2",
+        "sampler.max_new_tokens=8",
+        "algo.mini_batch_size=4",
+        "algo.micro_batch_size=2",
+        "logging.val_samples=2",
+        "logging.pass_k=[1,2]",
+        "logging.progress=false",
+        "logging.plot=false",
+        f"logging.root={tmp_path}",
+        "logging.name=recipe",
+    ]
+    assert main(args) == 0
+    sample = json.loads((tmp_path / "recipe" / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"].startswith("<s><|") and "\\boxed{}" in sample["prompt"]
+    assert sample["reference"] is not None and (tmp_path / "recipe" / "final" / "model.safetensors").is_file()

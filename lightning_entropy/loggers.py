@@ -9,6 +9,7 @@ as lines of ``RUN_DIR/samples.jsonl`` and as the logger's own table where it has
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,29 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
         elif kind == "wandb":  # offline unless the user's WANDB_MODE / login says otherwise
             out.append(pl_loggers.WandbLogger(name=name, project=cfg.logging.project, save_dir=str(run_dir)))
         elif kind == "mlflow":
+            # the user's tracking server when MLFLOW_TRACKING_URI says so, else files in the run
+            # directory (mlflow 3 refuses its file store unless allowed explicitly)
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if uri is None:
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                uri = f"file:{(run_dir / 'mlruns').resolve()}"
             out.append(
-                pl_loggers.MLFlowLogger(
-                    experiment_name=cfg.logging.project,
-                    run_name=name,
-                    tracking_uri=f"file:{(run_dir / 'mlruns').resolve()}",
-                )
+                pl_loggers.MLFlowLogger(experiment_name=cfg.logging.project, run_name=name, tracking_uri=uri)
             )
     hparams = OmegaConf.to_container(cfg, resolve=True)
     for lg in out:
-        lg.log_hyperparams(hparams)
+        # mlflow stores each top-level section as one string: flat keys (data/path) stay searchable
+        lg.log_hyperparams(flatten(hparams) if isinstance(lg, pl_loggers.MLFlowLogger) else hparams)
+    return out
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 

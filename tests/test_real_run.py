@@ -267,3 +267,27 @@ def test_recipes_run_on_a_local_model_folder(tmp_path, real, recipe):
     sample = json.loads((tmp_path / "recipe" / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"].startswith("<s><|") and "\\boxed{}" in sample["prompt"]
     assert sample["reference"] is not None and (tmp_path / "recipe" / "final" / "model.safetensors").is_file()
+
+
+def test_wandb_and_mlflow_loggers_offline_get_config_and_sample_tables(tmp_path, real, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from lightning_entropy.__main__ import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ["fit", f"model.name_or_path={real['llama']}", f"data.path={real['chat']}", *CHAT, *SMALL]
+    args += [
+        "trainer.max_steps=1",
+        "logging.loggers=[csv,wandb,mlflow]",
+        f"logging.root={tmp_path}",
+        "logging.name=lg",
+    ]
+    assert main(args) == 0
+    run = tmp_path / "lg"
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    tables = list((run / "mlruns").rglob("samples/step0.json"))
+    assert tables and "completion" in tables[0].read_text()
+    (params_dir,) = list((run / "mlruns").rglob("params"))  # one run
+    params = {p.relative_to(params_dir).as_posix() for p in params_dir.rglob("*") if p.is_file()}
+    assert {"data/answer_key", "reward/name", "model/name_or_path"} <= params

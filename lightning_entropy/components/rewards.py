@@ -15,7 +15,7 @@ import signal
 from collections import Counter
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -689,11 +689,20 @@ class CombinedReward(Reward):
     sample (``info["reward/<name>"]``). ``correct`` comes from the first part that reports it (put the
     accuracy reward first). A part that raises on a sample scores that sample 0 and is counted in
     ``rollout/errors``, unless ``strict``. Parts that score from policy statistics cannot be combined.
+    Without ``rewards``: math_verify (weight 1) + format with a boxed answer (weight 0.1).
     """
+
+    # rewards=None: accuracy plus a small bonus for a boxed answer, the usual math setting
+    DEFAULT_PARTS: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"name": "math_verify", "weight": 1.0},
+        {"name": "format", "weight": 0.1, "think": False, "boxed": True},
+    )
 
     def __init__(self, *, rewards: list[dict[str, Any]] | None = None, strict: bool = False) -> None:
         from lightning_entropy.registry import REWARDS
 
+        if rewards is None:
+            rewards = [dict(p) for p in self.DEFAULT_PARTS]
         if not rewards:
             raise ValueError("rewards must list at least one {name: ..., weight: ...}")
         self.parts: list[tuple[str, float, Reward]] = []

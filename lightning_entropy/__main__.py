@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="validate every run and print the commands")
     r = sub.add_parser("report", help="summary table and curves of a run directory")
     r.add_argument("run_dir")
+    e = sub.add_parser("export", help="a checkpoint or run directory -> a Hugging Face model folder")
+    e.add_argument("source", help="PATH.ckpt, or a run directory (its checkpoints/last.ckpt)")
+    e.add_argument("out_dir", help="new folder for save_pretrained (AutoModelForCausalLM, vLLM)")
     return p
 
 
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_components(args)
         if args.command == "report":
             return cmd_report(Path(args.run_dir))
+        if args.command == "export":
+            return cmd_export(Path(args.source), Path(args.out_dir))
         if args.command == "sweep":
             from lightning_entropy.sweep import run_sweep
 
@@ -125,33 +130,65 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
         if run_dir.exists():
             raise ConfigError(
                 f"run directory {run_dir} already exists; never overwritten: choose another "
-                "logging.name, or continue it with --resume {run_dir}/checkpoints/last.ckpt"
+                f"logging.name, or continue it with --resume {run_dir}/checkpoints/last.ckpt"
             )
     # everything above is cheap; the model, data and trainer come only after the checks pass
     _quiet_known_warnings()
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from lightning_entropy.data import build_datamodule
     from lightning_entropy.module import RLVRModule
 
+    datamodule = build_datamodule(cfg)
+    prepare_data(cfg, datamodule)  # reads, formats and measures every prompt: still nothing written
     is_rank0 = _env_rank() == 0
+    created = not ckpt and not validate_only and is_rank0
     if not validate_only and is_rank0:
         run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
         (
             run_dir / ("config.yaml" if not ckpt else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
         ).write_text(to_yaml(cfg))
-    datamodule = build_datamodule(cfg)
+    progress: dict[str, Any] = {}
+    try:
+        return _run(cfg, run_dir, ckpt, validate_only, datamodule, ModelCheckpoint, RLVRModule, progress)
+    except BaseException:
+        # a run that fails before its first RL step leaves nothing that blocks rerunning it
+        module = progress.get("module")
+        if created and getattr(module, "rl_step", 0) == 0 and not _has_steps(run_dir):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _has_steps(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+
+
+def _run(
+    cfg: DictConfig,
+    run_dir: Path,
+    ckpt: str | None,
+    validate_only: bool,
+    datamodule: Any,
+    ModelCheckpoint: Any,
+    RLVRModule: Any,
+    progress: dict[str, Any],
+) -> int:
+    import lightning as L
+
+    from lightning_entropy.export import POLICY_CONFIG, save_policy, save_policy_config
+    from lightning_entropy.loggers import SampleTable, build_loggers
+
     policy_path = prepare_policy(cfg, datamodule)
+    if not validate_only and _env_rank() == 0 and not (run_dir / POLICY_CONFIG).exists():
+        save_policy_config(policy_path, run_dir / POLICY_CONFIG)  # lets `export` rebuild the architecture
     # seeded after the (cached or fresh) tiny-policy build so both paths start the same stream
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = RLVRModule(cfg, policy_path)
+    module = progress["module"] = RLVRModule(cfg, policy_path)
     t = cfg.trainer
     # validate only reads: no run directory, logs or checkpoints of its own
-    loggers: list[Any] = [] if validate_only else [CSVLogger(str(run_dir), name="logs")]
-    if cfg.logging.tensorboard and not validate_only:
-        loggers.append(TensorBoardLogger(str(run_dir), name="tb"))
+    loggers: list[Any] = [] if validate_only else build_loggers(cfg, run_dir)
     per_step = module.updates_per_step
     ckpt_cb = ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"),
@@ -170,7 +207,9 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
         max_steps=t.max_steps * per_step,
         deterministic=t.deterministic,
         logger=loggers or False,
-        callbacks=[] if validate_only else [ckpt_cb],
+        callbacks=[]
+        if validate_only
+        else [ckpt_cb, SampleTable(run_dir, cfg.logging.samples_every, cfg.logging.samples_n)],
         val_check_interval=cfg.logging.val_every,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
@@ -192,10 +231,60 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
         if _env_rank() == 0:
             os.environ.pop(RUN_NAME_ENV, None)
     if trainer.is_global_zero:
-        print(f"\nRun finished in {time.time() - start:.0f}s: {run_dir}")
+        if _sharded(t.strategy):
+            print(f"final/ not written under strategy {t.strategy}: the policy is sharded", file=sys.stderr)
+        else:
+            save_policy(module.policy, module.tokenizer, run_dir / "final")
+        print(
+            f"\nRun finished in {time.time() - start:.0f}s: {run_dir} (trained policy: {run_dir / 'final'})"
+        )
         if cfg.logging.plot:
             cmd_report(run_dir)
     return 0
+
+
+def cmd_export(source: Path, out: Path) -> int:
+    from lightning_entropy.export import ExportError, export_checkpoint
+
+    try:
+        path = export_checkpoint(source, out)
+    except ExportError as err:
+        raise ConfigError(str(err)) from err
+    print(f"exported {source} -> {path} (AutoModelForCausalLM.from_pretrained('{path}'))")
+    return 0
+
+
+def _sharded(strategy: Any) -> bool:
+    return any(s in str(strategy).lower() for s in ("fsdp", "deepspeed"))
+
+
+def prepare_data(cfg: DictConfig, datamodule: Any) -> None:
+    """Load, format and length-filter every prompt with the policy's tokenizer (no model weights), so
+    bad files, keys and prompts fail in seconds, naming file, line and key, before anything is written."""
+    from lightning_entropy.models import BUILTIN_PREFIX, build_char_tokenizer, context_length, load_tokenizer
+    from lightning_entropy.prompts import DataError
+
+    name = cfg.model.name_or_path
+    try:
+        if name.startswith(BUILTIN_PREFIX):
+            tokenizer, context = build_char_tokenizer(), int(cfg.model.tiny.max_positions)
+        else:
+            tokenizer, context = load_tokenizer(name), context_length(name)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.name_or_path={name}: cannot load its tokenizer/config: {first}") from err
+    limit = cfg.data.max_prompt_tokens
+    if limit is None and context is not None:
+        limit = context - int(cfg.sampler.get("max_new_tokens", 0) or 0)
+        if limit < 1:
+            raise ConfigError(
+                f"sampler.max_new_tokens={cfg.sampler.max_new_tokens} leaves no room for a prompt in the "
+                f"model's {context}-token context"
+            )
+    try:
+        datamodule.prepare(tokenizer, limit, cfg.data.long_prompts)
+    except (DataError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from err
 
 
 def prepare_policy(cfg: DictConfig, datamodule: Any) -> str:
@@ -205,8 +294,9 @@ def prepare_policy(cfg: DictConfig, datamodule: Any) -> str:
     if not name.startswith(BUILTIN_PREFIX):
         return name
     tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True)
-    data_spec = {
-        "task": cfg.data.task,
+    data_spec = {  # for reading only: the cache key is a digest of the warm-start examples themselves
+        "task": cfg.data.task if cfg.data.path is None else None,
+        "path": cfg.data.path,
         "difficulty": cfg.data.difficulty,
         "options": OmegaConf.to_container(cfg.data.options, resolve=True),
         "seed": cfg.data.seed,

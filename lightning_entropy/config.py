@@ -43,20 +43,31 @@ class ModelConfig:
     name_or_path: str = "builtin:tiny"  # or any local/hub `from_pretrained` path
     dtype: str = "float32"  # float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
+    disable_dropout: bool = True  # dropout off in the policy: pi_old and the update must be one function
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
 @dataclass
 class DataConfig:
-    task: str | None = "arithmetic"  # built-in task, or null when `path` is set
-    path: str | None = None  # JSONL / Parquet file, or hf:<name>[:<split>]
+    task: str | None = "arithmetic"  # built-in task; setting `path` switches it off
+    # JSONL / JSON / Parquet file, a folder of shards, a datasets save_to_disk folder, or hf:<name>[:<split>]
+    path: str | None = None
     val_path: str | None = None
+    split: str = "train"  # split of a save_to_disk DatasetDict at `path`
+    val_split: str = "test"  # split of a DatasetDict at `val_path`
     difficulty: int = 2  # arithmetic: digits per operand; countdown: how many numbers
-    options: dict[str, Any] = field(default_factory=lambda: {"reverse_answer": True})  # task options
+    # options of the built-in task (a layer that sets `path` or another `task` starts from none)
+    options: dict[str, Any] | None = field(default_factory=lambda: {"reverse_answer": True})
     train_size: int = 5000
     val_size: int = 128
-    prompt_key: str = "prompt"
-    answer_key: str | None = "answer"
+    prompt_key: str = "prompt"  # dotted paths reach into nested records: extra_info.question
+    answer_key: str | None = "answer"  # e.g. reward_model.ground_truth
+    answer_regex: str | None = None  # reference = group 1 of this regex on the answer, e.g. '####\s*(.+)'
+    template: str | None = None  # format string around {prompt}
+    chat_template: Any = "auto"  # auto | true | false: the tokenizer's chat template, add_generation_prompt
+    system_prompt: str | None = None
+    max_prompt_tokens: int | None = None  # null: the model's context minus sampler.max_new_tokens
+    long_prompts: str = "drop"  # drop (counted and logged) | error
     prompts_per_step: int = 32  # global, across ranks
     seed: int = 0  # splits, prompt order and the tiny policy's warm-start; `seed` drives the RL run
     val_batch_size: int = 64
@@ -129,7 +140,11 @@ class LoggingConfig:
     val_samples: int = 8  # samples per validation prompt for pass@k
     pass_k: list[int] = field(default_factory=lambda: [1, 4, 8])
     val_temperature: float = 1.0
-    tensorboard: bool = False
+    tensorboard: bool = False  # same as adding tensorboard to `loggers`
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv, tensorboard, wandb, mlflow
+    project: str = "lightning_entropy"  # wandb project / mlflow experiment
+    samples_every: int = 10  # RL steps between sample tables (samples.jsonl + the logger's table); 0 = off
+    samples_n: int = 8  # rows per sample table
     ckpt_every: int = 20  # RL steps between checkpoints (last.ckpt always kept)
     progress: bool = True
     plot: bool = True
@@ -164,7 +179,8 @@ COMPONENT_SECTIONS = ("sampler", "reward", "advantage", "selector", "loss", "reg
 FRAMEWORK_KEYS = {
     "loss": ("name", "agg"),
     "sampler": ("name", "group_size"),
-    "reward": ("name", "strict"),  # strict: a non-finite reward stops the run instead of scoring 0
+    # strict: a reward that raises or returns NaN/inf stops the run (else that sample scores 0)
+    "reward": ("name", "strict"),
 }  # keys of a component section that are not hyperparameters
 
 
@@ -195,6 +211,20 @@ def load_config(
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as err:
             raise ConfigError(f"bad override {overrides}: {err}") from err
+        except Exception as err:  # a YAML parse error of one value: `data.template={prompt} ...`
+            first = " ".join(str(err).split())[:160]
+            raise ConfigError(
+                f"bad override {overrides}: a value does not parse as YAML ({first}); quote values that "
+                "start with { or [ or contain ': ', e.g. 'data.template=\"{prompt} Answer:\"'"
+            ) from err
+    if overrides:
+        for ov in overrides:  # `key=#### (.+)` is YAML for a comment: null, not the user's text
+            key, raw = ov.split("=", 1)
+            if raw.strip().lower() not in ("", "null", "~") and OmegaConf.select(layers[-1], key) is None:
+                raise ConfigError(
+                    f"override '{ov}': the value parses as YAML null (a '#' starts a comment); quote it, "
+                    f"e.g. \"{key}='{raw}'\""
+                )
     for i, layer in enumerate(layers):
         where = str(path) if (path is not None and i == 0) else "command-line override"
         # a component swapped by name drops the old one's hyperparameters
@@ -207,6 +237,7 @@ def load_config(
                     if k != "name" and k in cfg[section]
                 }
                 cfg[section] = {"name": new["name"], **keep}
+        _switch_data_source(cfg, layer)
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
@@ -214,6 +245,24 @@ def load_config(
     if imports:
         cfg.imports = list(cfg.imports) + list(imports)
     return cfg
+
+
+def _switch_data_source(cfg: DictConfig, layer: Any) -> None:
+    """Task options belong to the task, as hyperparameters belong to a component: a layer that sets
+    ``data.path`` (or names another ``data.task``) starts from no options and, for a path, no task;
+    ``data.options`` in a layer replaces the options instead of merging into them."""
+    new = layer.get("data") if isinstance(layer, DictConfig) else None
+    if not isinstance(new, DictConfig):
+        return
+    if new.get("path") is not None and cfg.data.path is None:
+        if "task" not in new:
+            cfg.data.task = None
+        if "options" not in new:
+            cfg.data.options = {}
+    if "task" in new and new.get("task") != cfg.data.task and "options" not in new:
+        cfg.data.options = {}
+    if "options" in new:
+        cfg.data.options = {}
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
@@ -334,6 +383,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         )
     _validate_data(cfg)
     _validate_model(cfg)
+    _validate_loggers(cfg)
     return comps
 
 
@@ -368,24 +418,75 @@ def _world_size(t: Any) -> int:
 
 
 def _validate_data(cfg: DictConfig) -> None:
+    """Everything about the data that needs no tokenizer: sources exist, task options fit the task,
+    the formatting options parse. Reading and measuring the prompts comes in the CLI, also before
+    the run directory exists."""
     from lightning_entropy import data as data_mod
+    from lightning_entropy.prompts import DataError, PromptFormat
 
     d = cfg.data
     if d.path is None and d.task is None:
         raise ConfigError("data: set data.task (a built-in task) or data.path (a JSONL/Parquet file)")
+    options = dict(OmegaConf.to_container(d.options, resolve=True) or {}) if d.options is not None else {}
     if d.path is not None:
-        if not str(d.path).startswith("hf:") and not Path(d.path).is_file():
-            raise ConfigError(f"data.path: file not found: {d.path}")
-        if (
-            d.val_path is not None
-            and not str(d.val_path).startswith("hf:")
-            and not Path(d.val_path).is_file()
-        ):
-            raise ConfigError(f"data.val_path: file not found: {d.val_path}")
+        for key in ("path", "val_path"):
+            value = d[key]
+            if value is not None and not str(value).startswith("hf:") and not Path(value).exists():
+                raise ConfigError(f"data.{key}: file not found: {value}")
+        if options:
+            raise ConfigError(
+                f"data.options={options}: task options apply to built-in tasks (data.task) only, and "
+                f"data.path={d.path} is set; remove data.options"
+            )
     elif d.task not in data_mod.TASKS:
         raise ConfigError(f"data.task: unknown task '{d.task}'; built-in tasks: {', '.join(data_mod.TASKS)}")
+    else:
+        try:
+            data_mod.make_task(d.task, d.difficulty, **options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"data.options: {err}") from err
     if d.train_size < 1 or d.val_size < 1:
         raise ConfigError("data.train_size and data.val_size must be >= 1")
+    if d.long_prompts not in ("drop", "error"):
+        raise ConfigError(f"data.long_prompts: '{d.long_prompts}' is not one of drop, error")
+    if d.max_prompt_tokens is not None and d.max_prompt_tokens < 1:
+        raise ConfigError(f"data.max_prompt_tokens: must be >= 1 (or null), got {d.max_prompt_tokens}")
+    if d.answer_regex is not None:
+        import re
+
+        try:
+            re.compile(d.answer_regex)
+        except re.error as err:
+            raise ConfigError(
+                f"data.answer_regex={d.answer_regex!r}: not a regular expression: {err}"
+            ) from err
+    try:
+        PromptFormat(template=d.template, chat_template=d.chat_template, system_prompt=d.system_prompt)
+    except DataError as err:
+        raise ConfigError(str(err)) from err
+
+
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+_LOGGER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+}
+
+
+def _validate_loggers(cfg: DictConfig) -> None:
+    lg = cfg.logging
+    for name in lg.loggers:
+        if name not in LOGGERS:
+            raise ConfigError(f"logging.loggers: '{name}' is not one of {', '.join(LOGGERS)}")
+        packages = _LOGGER_PACKAGES.get(name, ())
+        if packages and all(importlib.util.find_spec(p) is None for p in packages):
+            raise ConfigError(
+                f"logging.loggers: '{name}' needs the {packages[0]} package: pip install "
+                f"'lightning_entropy[{name}]'"
+            )
+    if lg.samples_every < 0 or lg.samples_n < 1:
+        raise ConfigError("logging.samples_every must be >= 0 (0 = off) and logging.samples_n >= 1")
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -395,9 +496,9 @@ def _validate_model(cfg: DictConfig) -> None:
     if name.startswith(BUILTIN_PREFIX):
         if name[len(BUILTIN_PREFIX) :] not in BUILTIN_NAMES:
             raise ConfigError(f"model.name_or_path: unknown built-in '{name}'")
-        if cfg.data.task is None:
+        if cfg.data.task is None and cfg.data.path is None:
             raise ConfigError(
-                "model.name_or_path=builtin:tiny is warm-started on a built-in task: set data.task"
+                "model.name_or_path=builtin:tiny is warm-started on the data: set data.task or data.path"
             )
     elif Path(name).exists() and not (Path(name) / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {name} exists but has no config.json (not a HF checkpoint)")

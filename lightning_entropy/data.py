@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -20,6 +22,8 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_entropy.prompts import DataError, PromptFormat, encode_prompt, messages_of, plain_text
 
 SPLITS = ("train", "validation", "warmstart")  # warmstart: SFT examples from the training side
 _ENUM_LIMIT = 20_000  # spaces up to this size are listed exactly; larger ones are sampled
@@ -276,32 +280,108 @@ def make_task(name: str, difficulty: int, **options: Any) -> Task:
 
 # ---- prompt files ------------------------------------------------------------------------------
 
+FILE_TYPES = (".jsonl", ".json", ".parquet", ".pq", ".arrow")
+Record = tuple[str, dict[str, Any]]  # (where: "file:line" or "file row i", the record)
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    if suffix not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: unsupported prompt file type {suffix!r}; use .jsonl, .json or .parquet")
+def _json_records(path: Path) -> list[Record]:
     text = path.read_text(encoding="utf-8")
-    if suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+        return [(f"{path} item {i}", r) for i, r in enumerate(rows)]
     records = []
     for line_no, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                records.append((f"{path}:{line_no}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON line: {err}") from err
+                raise DataError(f"{path}:{line_no}: invalid JSON line: {err}") from err
     return records
 
 
-def _read_hf(spec: str, split: str) -> tuple[list[dict[str, Any]], str]:
-    """``hf:<name>[@<config>][:<split>]`` through the optional ``datasets`` package."""
+def _arrow_rows(path: Path, table: Any) -> list[Record]:
+    return [(f"{path} row {i}", r) for i, r in enumerate(table.to_pylist())]
+
+
+def _read_arrow_stream(path: Path) -> Any:
+    import pyarrow as pa
+
+    # datasets' save_to_disk writes Arrow IPC streams; older versions wrote files
+    try:
+        with pa.memory_map(str(path)) as src:
+            return pa.ipc.open_stream(src).read_all()
+    except pa.ArrowInvalid:
+        with pa.memory_map(str(path)) as src:
+            return pa.ipc.open_file(src).read_all()
+
+
+def _read_file(path: Path) -> list[Record]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            return _arrow_rows(path, pq.read_table(path))
+        if suffix == ".arrow":
+            return _arrow_rows(path, _read_arrow_stream(path))
+    except DataError:
+        raise
+    except Exception as err:  # pyarrow's errors are long; the first line says what is wrong
+        raise DataError(
+            f"{path}: cannot read: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
+    if suffix not in (".jsonl", ".json"):
+        raise DataError(
+            f"{path}: unsupported prompt file type {suffix!r}; use .jsonl, .json, .parquet, a folder of "
+            "them, or a datasets save_to_disk folder"
+        )
+    return _json_records(path)
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[Record]:
+    """A ``datasets`` ``save_to_disk`` folder (a Dataset, or a DatasetDict of splits), read with pyarrow
+    alone so that the optional ``datasets`` package is not needed."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise DataError(f"{path}: a DatasetDict without split {split!r}; its splits: {', '.join(splits)}")
+        path = path / split
+    state = json.loads((path / "state.json").read_text())
+    records: list[Record] = []
+    for f in state["_data_files"]:
+        records += _read_file(path / f["filename"])
+    return records
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def _read_records(path: Path, split: str = "train") -> list[Record]:
+    """Records of a file, a ``save_to_disk`` folder, or a folder of shards (read in name order)."""
+    if is_saved_dataset(path):
+        return _read_saved_dataset(path, split)
+    if path.is_dir():
+        shards = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_TYPES)
+        if not shards:
+            raise DataError(
+                f"{path}: a folder with no {'/'.join(FILE_TYPES)} files and no save_to_disk dataset"
+            )
+        kinds = {".pq" if p.suffix.lower() == ".parquet" else p.suffix.lower() for p in shards}
+        if len(kinds) > 1:
+            raise DataError(f"{path}: mixes shard types {sorted(kinds)}; keep one type per folder")
+        return [rec for p in shards for rec in _read_file(p)]
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    return _read_file(path)
+
+
+def _read_hf(spec: str, split: str) -> tuple[list[Record], str]:
+    """``hf:<name>[@<config>][:<split>]`` through the optional ``datasets`` package. Only the first
+    colon ends the name, so a split may carry a slice (``train[:100]``)."""
     try:
         import datasets
     except ImportError as err:
@@ -310,31 +390,100 @@ def _read_hf(spec: str, split: str) -> tuple[list[dict[str, Any]], str]:
         ) from err
     name, _, hf_split = spec[3:].partition(":")
     name, _, config = name.partition("@")
+    label = f"{spec} (split {hf_split or split})"
     ds = datasets.load_dataset(name, config or None, split=hf_split or split)
-    return ds.to_list(), f"{spec} (split {hf_split or split})"
+    return [(f"{label} row {i}", r) for i, r in enumerate(ds.to_list())], label
+
+
+_MISSING = object()
+
+
+def get_path(record: dict[str, Any], key: str) -> Any:
+    """``record[key]``, where a dotted key walks nested records (``reward_model.ground_truth``); an
+    exact key that contains dots wins."""
+    if key in record:
+        return record[key]
+    value: Any = record
+    for part in key.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def _keys_hint(record: dict[str, Any]) -> str:
+    """The record's keys, nested ones dotted, for an error message."""
+    out = []
+    for k, v in record.items():
+        out += [f"{k}.{kk}" for kk in v] if isinstance(v, dict) and v else [k]
+    return str(sorted(out))
+
+
+def _answer_text(value: Any, where: str, key: str, pattern: re.Pattern[str] | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        inner = f" with keys {sorted(value)}" if isinstance(value, dict) else ""
+        raise DataError(
+            f"{where}: answer_key '{key}' is a {type(value).__name__}{inner}, not an answer; point "
+            f"data.answer_key at a field inside it (e.g. {key}.{next(iter(value), 'field')})"
+        )
+    text = str(value)
+    if pattern is not None:
+        found = pattern.search(text)
+        if found is None:
+            raise DataError(
+                f"{where}: data.answer_regex {pattern.pattern!r} does not match answer_key '{key}' "
+                f"value {text[:80]!r}"
+            )
+        text = (found.group(1) if pattern.groups else found.group(0)).strip()
+    return text
 
 
 def records_to_examples(
-    records: list[dict[str, Any]], source: str, prompt_key: str, answer_key: str | None
+    records: list[Record],
+    source: str,
+    prompt_key: str,
+    answer_key: str | None,
+    answer_regex: str | None = None,
 ) -> list[Example]:
-    """Records -> Examples; a missing key names the source, the key and the keys that exist."""
+    """Records -> Examples. A prompt is a string or a list of ``{role, content}`` chat messages (kept in
+    ``meta["messages"]``; ``prompt`` is their plain text until formatting). Every error names the
+    file and line (or row), the key and what the record has."""
     if not records:
-        raise ValueError(f"{source}: no records")
-    for key, what in ((prompt_key, "prompt_key"), (answer_key, "answer_key")):
-        if key is not None and key not in records[0]:
-            raise ValueError(
-                f"{source}: {what}={key!r} is not a field; the first record has {sorted(records[0])}"
-            )
+        raise DataError(f"{source}: no records")
+    try:
+        pattern = re.compile(answer_regex) if answer_regex is not None else None
+    except re.error as err:
+        raise DataError(f"data.answer_regex={answer_regex!r}: not a regular expression: {err}") from err
     out = []
-    for row, rec in enumerate(records):
-        missing = [k for k in (prompt_key, answer_key) if k is not None and k not in rec]
-        if missing:
-            raise ValueError(f"{source}: record {row} lacks {missing}; it has {sorted(rec)}")
-        answer = rec[answer_key] if answer_key is not None else None
-        meta = {k: v for k, v in rec.items() if k not in (prompt_key, answer_key)}
-        out.append(
-            Example(str(rec[prompt_key]), None if answer is None else str(answer), {"row": row, **meta})
+    for row, (where, rec) in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a record (a JSON object), got {type(rec).__name__}")
+        for key, what in ((prompt_key, "prompt_key"), (answer_key, "answer_key")):
+            if key is not None and get_path(rec, key) is _MISSING:
+                raise DataError(f"{where}: no field '{key}' (data.{what}); the record has {_keys_hint(rec)}")
+        value = get_path(rec, prompt_key)
+        messages = messages_of(value)
+        if messages is None and not isinstance(value, str):
+            raise DataError(
+                f"{where}: prompt_key '{prompt_key}' is a {type(value).__name__}; expected a string or a "
+                "list of {role, content} chat messages"
+            )
+        answer = (
+            None
+            if answer_key is None
+            else _answer_text(get_path(rec, answer_key), where, answer_key, pattern)
         )
+        top = {prompt_key.split(".")[0], (answer_key or "").split(".")[0]}
+        meta = {k: v for k, v in rec.items() if k not in top}
+        meta["row"], meta["where"] = row, where
+        if messages is not None:
+            meta["messages"] = messages
+        out.append(Example(plain_text(messages) if messages else value, answer, meta))
     return out
 
 
@@ -347,21 +496,26 @@ def load_examples(
     difficulty: int = 1,
     prompt_key: str = "prompt",
     answer_key: str | None = "answer",
+    answer_regex: str | None = None,
+    file_split: str | None = None,
     **task_options: Any,
 ) -> list[Example]:
-    """Examples from a built-in task name (needs ``n``), a ``.jsonl``/``.json``/``.parquet`` file, or
-    ``hf:<name>[@<config>][:<split>]``. Files keep their order and are cut to the first ``n``."""
+    """Examples from a built-in task name (needs ``n``), a ``.jsonl``/``.json``/``.parquet`` file, a
+    folder of such shards, a ``datasets`` ``save_to_disk`` folder (``file_split`` picks the split of a
+    DatasetDict, default ``split``), or ``hf:<name>[@<config>][:<split>]``. Files keep their order
+    and are cut to the first ``n``."""
     if source in TASKS:
         if n is None:
             raise ValueError(f"task {source!r} is generated: pass n, the number of examples")
         return make_task(source, difficulty, **task_options).generate(split, n, seed)
     if task_options:
         raise ValueError(f"task options {sorted(task_options)} only apply to built-in tasks, not {source}")
+    wanted = file_split or (_split_name(split) if split != "warmstart" else "train")
     if source.startswith("hf:"):
-        records, label = _read_hf(source, _split_name(split) if split != "warmstart" else "train")
+        records, label = _read_hf(source, wanted)
     else:
-        records, label = _read_records(Path(source)), source
-    examples = records_to_examples(records, label, prompt_key, answer_key)
+        records, label = _read_records(Path(source), wanted), source
+    examples = records_to_examples(records, label, prompt_key, answer_key, answer_regex)
     return examples if n is None else examples[:n]
 
 
@@ -427,6 +581,10 @@ class PromptDataModule(L.LightningDataModule):
         val_size: int = 128,
         prompt_key: str = "prompt",
         answer_key: str | None = "answer",
+        answer_regex: str | None = None,
+        split: str = "train",
+        val_split: str = "test",
+        prompt_format: PromptFormat | None = None,
         prompts_per_step: int = 16,
         val_batch_size: int = 64,
         seed: int = 0,
@@ -458,7 +616,13 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"rank={rank}, world_size={world_size}: set both, with 0 <= rank < world_size")
         self.path, self.val_path = path, val_path
         self.train_size, self.val_size = train_size, val_size
-        self.prompt_key, self.answer_key = prompt_key, answer_key
+        self.prompt_key, self.answer_key, self.answer_regex = prompt_key, answer_key, answer_regex
+        self.split, self.val_split = split, val_split
+        self.prompt_format = prompt_format or PromptFormat()
+        self.tokenizer: Any = None  # attached by ``prepare``: formatting and the length filter need it
+        self.max_prompt_tokens: int | None = None
+        self.long_prompts = "drop"
+        self.dropped: dict[str, int] = {}
         self.prompts_per_step, self.val_batch_size, self.seed = prompts_per_step, val_batch_size, seed
         self.rank, self.world = rank, world_size
         self.position = 0
@@ -468,21 +632,87 @@ class PromptDataModule(L.LightningDataModule):
 
     # ---- building -------------------------------------------------------------------------
     def _load(self, source: str, split: str) -> list[Example]:
-        return load_examples(source, split, prompt_key=self.prompt_key, answer_key=self.answer_key)
+        return load_examples(
+            source,
+            split,
+            prompt_key=self.prompt_key,
+            answer_key=self.answer_key,
+            answer_regex=self.answer_regex,
+            file_split=self.split if split == "train" else self.val_split,
+        )
+
+    def prepare(
+        self, tokenizer: Any, max_prompt_tokens: int | None = None, long_prompts: str = "drop"
+    ) -> None:
+        """Attach the policy's tokenizer, then load, format and length-filter every prompt now (the
+        CLI calls this before it creates the run directory, so data errors cost seconds and leave
+        nothing behind). Prompts longer than ``max_prompt_tokens`` are dropped and counted
+        (``long_prompts="drop"``) or fail naming the first one (``"error"``), never truncated."""
+        if long_prompts not in ("drop", "error"):
+            raise DataError(f"data.long_prompts={long_prompts!r} must be drop or error")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise DataError(f"data.max_prompt_tokens={max_prompt_tokens} must be >= 1")
+        self.tokenizer, self.max_prompt_tokens, self.long_prompts = tokenizer, max_prompt_tokens, long_prompts
+        self.train_examples, self.val_examples = [], []
+        self.setup()
+
+    def format_examples(self, examples: list[Example], split: str) -> list[Example]:
+        """Examples with their final prompt text (template, system prompt, chat template), without the
+        prompts over the token limit; a no-op until ``prepare`` attached a tokenizer."""
+        if self.tokenizer is None:
+            return examples
+        fmt, out, too_long = self.prompt_format, [], []
+        for ex in examples:
+            messages = ex.meta.get("messages") or messages_of(ex.prompt)
+            text = (
+                ex.prompt
+                if fmt.is_identity and messages is None
+                else fmt.render(ex.prompt, messages, self.tokenizer)
+            )
+            n_tokens = len(encode_prompt(self.tokenizer, text))
+            if self.max_prompt_tokens is not None and n_tokens > self.max_prompt_tokens:
+                if self.long_prompts == "error":
+                    where = ex.meta.get("where") or f"{self.task.describe()} {split} problem {ex.prompt!r}"
+                    raise DataError(
+                        f"{where}: a {n_tokens}-token prompt, over data.max_prompt_tokens="
+                        f"{self.max_prompt_tokens} (set data.long_prompts=drop to skip such prompts)"
+                    )
+                too_long.append(n_tokens)
+                continue
+            out.append(
+                Example(text, ex.answer, {**ex.meta, "raw_prompt": ex.prompt}) if text != ex.prompt else ex
+            )
+        self.dropped[split] = len(too_long)
+        if too_long:
+            print(
+                f"data: dropped {len(too_long)} of {len(examples)} {split} prompts longer than "
+                f"data.max_prompt_tokens={self.max_prompt_tokens} tokens (longest {max(too_long)})",
+                file=sys.stderr,
+            )
+        if examples and not out:
+            raise DataError(
+                f"{self.path or split}: every {split} prompt is longer than data.max_prompt_tokens="
+                f"{self.max_prompt_tokens} tokens; raise it (the model's context allows more?) or shorten the prompts"
+            )
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples:
             return
         if self.task is not None:
-            self.val_examples = self.task.generate("validation", self.val_size, self.seed)
-            self.train_examples = self.task.generate("train", self.train_size, self.seed)
+            self.val_examples = self.format_examples(
+                self.task.generate("validation", self.val_size, self.seed), "validation"
+            )
+            self.train_examples = self.format_examples(
+                self.task.generate("train", self.train_size, self.seed), "train"
+            )
             return
         examples = self._load(self.path, "train")
         if self.val_path is not None:
             val = self._load(self.val_path, "validation")[: self.val_size]
         else:
             if self.val_size >= len(examples):
-                raise ValueError(
+                raise DataError(
                     f"{self.path} has {len(examples)} examples: too few to carve val_size={self.val_size} "
                     "and keep a training set; lower val_size or pass val_path"
                 )
@@ -493,13 +723,15 @@ class PromptDataModule(L.LightningDataModule):
         held_out = {ex.prompt for ex in val}  # a duplicated prompt must not leak into training
         train = [ex for ex in examples if ex.prompt not in held_out]
         if not train:
-            raise ValueError(f"{self.path}: no training examples left after holding out validation prompts")
-        self.val_examples, self.train_examples = val, train[: self.train_size]
+            raise DataError(f"{self.path}: no training examples left after holding out validation prompts")
+        self.val_examples = self.format_examples(val, "validation")
+        self.train_examples = self.format_examples(train[: self.train_size], "train")
 
     def warmstart_examples(self, n: int) -> list[Example]:
-        """Supervised warm-start pairs: the task's training side (never a validation problem)."""
+        """Supervised warm-start pairs: the task's training side (never a validation problem), formatted
+        like the RL prompts."""
         if self.task is not None:
-            return self.task.generate("warmstart", n, self.seed)
+            return self.format_examples(self.task.generate("warmstart", n, self.seed), "warmstart")
         self.setup()
         return self.train_examples[:n]
 
@@ -609,8 +841,21 @@ def build_datamodule(cfg: Any) -> PromptDataModule:
         val_size=d.val_size,
         prompt_key=d.prompt_key,
         answer_key=d.answer_key,
+        answer_regex=d.get("answer_regex"),
+        split=d.get("split", "train"),
+        val_split=d.get("val_split", "test"),
+        prompt_format=prompt_format(cfg),
         prompts_per_step=d.prompts_per_step,
         val_batch_size=d.val_batch_size,
         seed=d.seed,
         **options,
+    )
+
+
+def prompt_format(cfg: Any) -> PromptFormat:
+    d = cfg.data
+    return PromptFormat(
+        template=d.get("template"),
+        chat_template=d.get("chat_template", "auto"),
+        system_prompt=d.get("system_prompt"),
     )

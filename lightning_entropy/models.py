@@ -131,8 +131,17 @@ def warm_start(
 
 
 def builtin_spec(tiny: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    """Everything that determines the cached tiny policy (its cache key)."""
-    return {"format": 1, "tiny": dict(tiny), "task": dict(data)}
+    """A readable description of the cached tiny policy (written into its warmstart.json)."""
+    return {"format": 2, "tiny": dict(tiny), "task": dict(data)}
+
+
+def examples_digest(examples: list[Any]) -> str:
+    """Fingerprint of the warm-start pairs themselves: whatever changes them (task, options, file
+    contents, keys, template, sizes, seed) changes the cache key, with no list of settings to forget."""
+    h = hashlib.sha1()
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.answer]).encode())
+    return h.hexdigest()
 
 
 def ensure_builtin(
@@ -152,7 +161,9 @@ def ensure_builtin(
             + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
         )
     spec = builtin_spec(tiny, data)
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    examples = make_examples()
+    keyed = {"format": spec["format"], "tiny": spec["tiny"], "examples": examples_digest(examples)}
+    key = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = cache_dir() / f"tiny-{key}"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -173,7 +184,7 @@ def ensure_builtin(
         losses = warm_start(
             model,
             tokenizer,
-            make_examples(),
+            examples,
             steps=tiny["warmstart_steps"],
             lr=tiny["warmstart_lr"],
             batch_size=tiny["warmstart_batch_size"],
@@ -213,8 +224,45 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Dropout probabilities to 0 in the config and every module; returns how many modules changed.
+
+    The old-policy pass runs without dropout; an update with it on would compare a different
+    function against pi_old (GPT-2's on-policy approx_kl is 0.002 instead of 0)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in list(vars(config).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(config, name, 0.0)
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        for name, value in list(vars(module).items()):  # attention modules keep a float p (attention_dropout)
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+    return changed
+
+
+def context_length(path: str | Path) -> int | None:
+    """The model's maximum positions from its config.json (no weights loaded), when it states one."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_policy(
-    path: str | Path, *, dtype: str = "float32", gradient_checkpointing: bool = False
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    gradient_checkpointing: bool = False,
+    no_dropout: bool = True,
 ) -> torch.nn.Module:
     """A causal LM via ``from_pretrained`` (local path, or hub id where the user has network)."""
     from transformers import AutoModelForCausalLM
@@ -222,6 +270,8 @@ def load_policy(
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype: '{dtype}' is not one of {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    if no_dropout:
+        disable_dropout(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_entropy import rollout as R
 from lightning_entropy.config import COMPONENT_SECTIONS, build_component
+from lightning_entropy.export import drop_reference_weights, restore_reference_weights
 from lightning_entropy.forward import PolicyForward
 from lightning_entropy.health import HealthMonitor
 from lightning_entropy.metrics import MetricBank, PassAtK, PhaseTimer, SumRatio
@@ -46,6 +47,7 @@ class RLVRModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.rl_step = 0
+        self.last_rollout: Any = None  # read by loggers.SampleTable after the step
         self.last_validation: dict[str, float] = {}
         self.val_reward = self._val_reward()
         temperature = a.temperature if a.temperature is not None else float(getattr(c["sampler"], "temperature", 1.0) or 1.0)
@@ -106,10 +108,15 @@ class RLVRModule(L.LightningModule):
         if self.policy is not None:
             return
         m = self.cfg.model
-        self.policy = load_policy(self.policy_path, dtype=m.dtype, gradient_checkpointing=m.gradient_checkpointing)
+        self.policy = load_policy(
+            self.policy_path,
+            dtype=m.dtype,
+            gradient_checkpointing=m.gradient_checkpointing,
+            no_dropout=m.get("disable_dropout", True),
+        )
         self.policy.train()  # from_pretrained returns eval mode; log-prob passes switch to eval themselves
         if self.uses_ref:
-            self.ref_policy = load_policy(self.policy_path, dtype=m.dtype)
+            self.ref_policy = load_policy(self.policy_path, dtype=m.dtype)  # frozen, eval: no dropout
             self.ref_policy.requires_grad_(False).eval()
 
     def configure_optimizers(self) -> Any:
@@ -147,6 +154,7 @@ class RLVRModule(L.LightningModule):
                 self.stats,
             )
         R.record_rollout(self.stats, batch, self.components)  # after the update: pi_old may come from it
+        self.last_rollout = batch
         timer.seconds["step"] = time.perf_counter() - t0
         self._log_step(timer, batch)
         self.rl_step += 1
@@ -235,8 +243,10 @@ class RLVRModule(L.LightningModule):
             "rng": rng_state(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
+        drop_reference_weights(checkpoint)  # rebuilt from its path on resume
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_reference_weights(checkpoint, self.ref_policy)
         state = checkpoint["lightning_entropy"]
         self.rl_step = int(state["rl_step"])
         self.health.load_state_dict(state.get("health", {}))

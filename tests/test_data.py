@@ -187,32 +187,32 @@ def test_jsonl_parquet_and_json_files_load_alike(tmp_path):
     for source in (jsonl, str(parquet), str(tmp_path / "p.json")):
         exs = load_examples(source, prompt_key="q", answer_key="a")
         assert [(e.prompt, e.answer) for e in exs] == [("1+1=", "2"), ("2+2=", "4")]
-        assert exs[1].meta == {"row": 1, "level": "hard"}
+        assert {k: v for k, v in exs[1].meta.items() if k != "where"} == {"row": 1, "level": "hard"}
     unsupervised = load_examples(jsonl, prompt_key="q", answer_key=None)
     assert [e.answer for e in unsupervised] == [None, None]
-    assert unsupervised[0].meta == {"row": 0, "a": 2, "level": "easy"}
+    assert unsupervised[0].meta == {"row": 0, "where": f"{jsonl}:1", "a": 2, "level": "easy"}
     assert len(load_examples(jsonl, prompt_key="q", answer_key="a", n=1)) == 1
 
 
 def test_file_errors_name_path_key_and_existing_keys(tmp_path):
     jsonl = _write_jsonl(tmp_path / "p.jsonl", RECORDS)
     with pytest.raises(
-        ValueError, match=r"p\.jsonl: prompt_key='prompt' is not a field; .*\['a', 'level', 'q'\]"
+        ValueError, match=r"p\.jsonl:1: no field 'prompt' \(data\.prompt_key\); .*\['a', 'level', 'q'\]"
     ):
         load_examples(jsonl)
-    with pytest.raises(ValueError, match=r"answer_key='answer' is not a field"):
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: no field 'answer' \(data\.answer_key\)"):
         load_examples(jsonl, prompt_key="q")
     with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         load_examples(str(tmp_path / "missing.jsonl"))
     ragged = _write_jsonl(tmp_path / "r.jsonl", [RECORDS[0], {"q": "3+3="}])
-    with pytest.raises(ValueError, match=r"record 1 lacks \['a'\]"):
+    with pytest.raises(ValueError, match=r"r\.jsonl:2: no field 'a' \(data\.answer_key\); the record has \['q'\]"):
         load_examples(ragged, prompt_key="q", answer_key="a")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "1"}\n{oops\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
         load_examples(str(bad), prompt_key="q", answer_key=None)
     (tmp_path / "p.csv").write_text("q,a\n")
-    with pytest.raises(ValueError, match="unsupported prompt file type '.csv'"):
+    with pytest.raises(ValueError, match=r"p\.csv: unsupported prompt file type '\.csv'"):
         load_examples(str(tmp_path / "p.csv"))
     with pytest.raises(ValueError, match="pass n"):
         load_examples("arithmetic")
@@ -236,7 +236,7 @@ def test_hf_source_parses_name_config_and_split(monkeypatch):
     assert [(e.prompt, e.answer) for e in exs] == [("q1", "a1")]
     load_examples("hf:org/set", "val", prompt_key="question")
     assert calls == [("openai/gsm8k", "main", "test"), ("org/set", None, "validation")]
-    with pytest.raises(ValueError, match=r"hf:org/set \(split train\): prompt_key='prompt'"):
+    with pytest.raises(ValueError, match=r"hf:org/set \(split train\) row 0: no field 'prompt'"):
         load_examples("hf:org/set")
 
 

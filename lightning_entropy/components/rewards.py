@@ -15,7 +15,7 @@ import signal
 from collections import Counter
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -594,3 +594,160 @@ class ConstantReward(Reward):
         self, prompts: list[str], completions: list[str], references: list[str | None]
     ) -> tuple[Tensor, list[Info]]:
         return _finish([self.value] * len(completions), [{} for _ in completions])
+
+
+# ---- Format rewards, weighted combinations, and rewards that fail ---------------------------------
+
+
+@register("reward", "format")
+class FormatReward(Reward):
+    """r = correct_reward iff the completion has the requested shape, else wrong_reward: with ``think``,
+    one ``<think>...</think>`` block followed by a non-empty answer (``think_in_prompt``: the prompt
+    already opened ``<think>``, as in R1-Zero templates, so the completion only closes it); with
+    ``boxed``, a ``\\boxed{...}`` in the answer part. Combine it with an accuracy reward through
+    ``combined`` (DeepSeek-R1, arXiv 2501.12948, rewards accuracy and format separately).
+    """
+
+    def __init__(
+        self,
+        *,
+        think: bool = True,
+        boxed: bool = False,
+        think_in_prompt: bool = False,
+        correct_reward: float = 1.0,
+        wrong_reward: float = 0.0,
+    ) -> None:
+        if not (think or boxed):
+            raise ValueError("set think and/or boxed: a format reward must check something")
+        if correct_reward <= wrong_reward:
+            raise ValueError(f"correct_reward={correct_reward} must exceed wrong_reward={wrong_reward}")
+        self.think, self.boxed, self.think_in_prompt = think, boxed, think_in_prompt
+        self.correct_reward, self.wrong_reward = correct_reward, wrong_reward
+
+    def reason(self, completion: str) -> str | None:
+        """Why the completion misses the format, or None."""
+        answer = completion
+        if self.think:
+            opener = "" if self.think_in_prompt else r"\s*<think>"
+            match = re.fullmatch(opener + r"(.*?)</think>(.*)", completion, flags=re.DOTALL)
+            if match is None or "<think>" in match.group(1) or "</think>" in match.group(2):
+                return "no single <think>...</think> block"
+            answer = match.group(2)
+            if not answer.strip():
+                return "nothing after </think>"
+        if self.boxed and _last_boxed(answer) is None:
+            return "no \\boxed{...} answer"
+        return None
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], references: list[str | None]
+    ) -> tuple[Tensor, list[Info]]:
+        _check_lengths(completions, references)
+        reasons = [self.reason(c or "") for c in completions]
+        values = [self.correct_reward if r is None else self.wrong_reward for r in reasons]
+        return _finish(values, [{"format_ok": r is None, "format_reason": r} for r in reasons])
+
+
+def call_reward(
+    reward: Reward,
+    prompts: list[str],
+    completions: list[str],
+    references: list[str | None],
+    *,
+    strict: bool = False,
+) -> tuple[Tensor, list[Info]]:
+    """``reward(prompts, completions, references)``, where a reward that raises costs only the samples it
+    raises on: the batch is rescored one sample at a time and each failing sample gets 0 with
+    ``reason = "error: <type>: <message>"``; ``reward.metrics["errors"]`` counts them. ``strict``
+    re-raises instead (a bug in a reward should stop a debugging run)."""
+    try:
+        return reward(prompts, completions, references)
+    except Exception:
+        if strict:
+            raise
+    values, infos, errors = [], [], 0
+    for p, c, r in zip(prompts, completions, references):
+        try:
+            v, info = reward([p], [c], [r])
+            values.append(float(v[0]))
+            infos.append(info[0])
+        except Exception as err:  # one bad sample (or a reward bug) must not end a long run
+            errors += 1
+            message = " ".join(str(err).split())[:200]
+            values.append(0.0)
+            infos.append({"correct": False, "reason": f"error: {type(err).__name__}: {message}"})
+    reward.metrics["errors"] = float(errors)
+    return _finish(values, infos)
+
+
+@register("reward", "combined")
+class CombinedReward(Reward):
+    """r = sum_i weight_i * r_i over several rewards, each built through the registry:
+    ``rewards: [{name: math_verify, weight: 1.0}, {name: format, weight: 0.2, boxed: true}]``.
+
+    Each part is logged separately (``rollout/<name>``: its mean before weighting) and stored per
+    sample (``info["reward/<name>"]``). ``correct`` comes from the first part that reports it (put the
+    accuracy reward first). A part that raises on a sample scores that sample 0 and is counted in
+    ``rollout/errors``, unless ``strict``. Parts that score from policy statistics cannot be combined.
+    Without ``rewards``: math_verify (weight 1) + format with a boxed answer (weight 0.1).
+    """
+
+    # rewards=None: accuracy plus a small bonus for a boxed answer, the usual math setting
+    DEFAULT_PARTS: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"name": "math_verify", "weight": 1.0},
+        {"name": "format", "weight": 0.1, "think": False, "boxed": True},
+    )
+
+    def __init__(self, *, rewards: list[dict[str, Any]] | None = None, strict: bool = False) -> None:
+        from lightning_entropy.registry import REWARDS
+
+        if rewards is None:
+            rewards = [dict(p) for p in self.DEFAULT_PARTS]
+        if not rewards:
+            raise ValueError("rewards must list at least one {name: ..., weight: ...}")
+        self.parts: list[tuple[str, float, Reward]] = []
+        self.strict = strict
+        for i, spec in enumerate(rewards):
+            spec = dict(spec)
+            if "name" not in spec:
+                raise ValueError(f"rewards[{i}] has no name; registered: {', '.join(REWARDS.names())}")
+            name, weight = spec.pop("name"), float(spec.pop("weight", 1.0))
+            if name == "combined":
+                raise ValueError(f"rewards[{i}]: a combined reward cannot contain another")
+            part = REWARDS.build(name, spec, key=f"reward.rewards[{i}]")
+            if part.needs_policy_stats:
+                raise ValueError(
+                    f"rewards[{i}]: '{name}' scores from policy statistics and cannot be combined"
+                )
+            label = name if name not in [n for n, _, _ in self.parts] else f"{name}_{i}"
+            self.parts.append((label, weight, part))
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], references: list[str | None]
+    ) -> tuple[Tensor, list[Info]]:
+        _check_lengths(completions, references)
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        infos: list[Info] = [{} for _ in completions]
+        errors = 0.0
+        for label, weight, part in self.parts:
+            values, part_infos = call_reward(part, prompts, completions, references, strict=self.strict)
+            values = values.float().cpu()
+            total += weight * values
+            self.metrics[label] = float(values.mean()) if len(values) else 0.0
+            for k, v in part.metrics.items():
+                if k == "errors":
+                    errors += float(v)
+                else:
+                    self.metrics[f"{label}_{k}"] = v
+            part.metrics.clear()
+            for info, part_info, v in zip(infos, part_infos, values.tolist()):
+                info[f"reward/{label}"] = v
+                for k, x in part_info.items():
+                    info.setdefault(k, x)  # the first part's correct/reason/extracted win
+        self.metrics["errors"] = errors
+        return total, infos
+
+    def close(self) -> None:
+        for _, _, part in self.parts:
+            if hasattr(part, "close"):
+                part.close()

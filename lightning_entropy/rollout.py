@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_entropy.batch import RolloutBatch
+from lightning_entropy.components.rewards import call_reward
 from lightning_entropy.forward import OLD_PASS_EXTRAS, PolicyForward
 from lightning_entropy.metrics import MetricBank, PhaseTimer, ScalarMean, TokenQuantiles
 
@@ -150,11 +151,12 @@ class RolloutStage:
 
 
 def score(batch: RolloutBatch, references: list[str | None], reward: Any, strict: bool = False) -> None:
-    """Text rewards for every response. A non-finite reward scores 0 with the reason recorded and
-    counted (``rollout/nonfinite_rewards``), or stops the run when ``strict``."""
+    """Text rewards for every response. A reward that raises on a sample, or returns NaN/inf for it,
+    scores that sample 0 with the reason recorded and counted (``rollout/errors``,
+    ``rollout/nonfinite_rewards``), or stops the run when ``strict``."""
     prompts = [i["prompt"] for i in batch.info]
     completions = [i["completion"] for i in batch.info]
-    rewards, infos = reward(prompts, completions, references)
+    rewards, infos = call_reward(reward, prompts, completions, references, strict=strict)
     rewards = torch.as_tensor(rewards).to(batch.response_ids.device, torch.float32)
     bad = ~torch.isfinite(rewards)
     if bad.any():

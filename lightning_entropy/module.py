@@ -16,14 +16,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from lightning_entropy import metrics as M
 from lightning_entropy import ops
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
 from lightning_entropy.components.common import all_reduce_sum, is_distributed, masked_sum, world_size
-from lightning_entropy.config import COMPONENT_SECTIONS, build_component
+from lightning_entropy.config import COMPONENT_SECTIONS, build_component, saved_container
 from lightning_entropy.models import load_policy, load_tokenizer
 
 
@@ -560,7 +560,7 @@ class RLVRModule(L.LightningModule):
             "rl_step": self.rl_step,
             "components": {s: c.state_dict() for s, c in self._components().items()},
             "rng": _rng_state(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": saved_container(self.cfg),  # ${oc.env:...} kept unresolved (secrets)
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

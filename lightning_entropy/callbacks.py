@@ -122,7 +122,7 @@ class GracefulStop(L.Callback):
             return
         signum = self.received if self.received is not None else signal.SIGTERM
         path = self.ckpt_dir / "last.ckpt"
-        trainer.save_checkpoint(str(path))
+        trainer.save_checkpoint(str(path), weights_only=False)
         for cb in trainer.checkpoint_callbacks:  # keeps later saves of this run on the same last.ckpt
             if getattr(cb, "dirpath", None) and Path(cb.dirpath) == self.ckpt_dir:
                 cb.last_model_path = str(path)

@@ -304,6 +304,7 @@ def _quiet_known_warnings() -> None:
         ".*`IterableDataset` has `__len__` defined.*",
         ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
         ".*litlogger.*",
+        ".*The dirpath has changed from.*",  # a --fork continues in a new directory by design
     ):
         warnings.filterwarnings("ignore", message=pattern)
 

@@ -121,15 +121,25 @@ class GracefulStop(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         signum = self.received if self.received is not None else signal.SIGTERM
-        path = self.ckpt_dir / "last.ckpt"
-        trainer.save_checkpoint(str(path), weights_only=False)
-        for cb in trainer.checkpoint_callbacks:  # keeps later saves of this run on the same last.ckpt
-            if getattr(cb, "dirpath", None) and Path(cb.dirpath) == self.ckpt_dir:
-                cb.last_model_path = str(path)
+        path = self._save_last(trainer, pl_module, outputs, batch, batch_idx)
         self.saved, self.stopped = path, signum
         if self.requeue_signal is not None and signum == self.requeue_signal and trainer.is_global_zero:
             self.requeued = requeue_slurm_job()
         trainer.should_stop = True
+
+    def _save_last(self, trainer: L.Trainer, *hook_args: Any) -> Path:
+        """Through the run's ModelCheckpoint when there is one: its regular save first (the
+        optstep<N>.ckpt due at this step, if any), else its last.ckpt alone; either way it records
+        the save, so it neither writes last.ckpt again at train end nor names a later one last-v1."""
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None) and Path(cb.dirpath) == self.ckpt_dir and cb.save_last:
+                cb.on_train_batch_end(trainer, *hook_args)
+                if cb._last_global_step_saved != trainer.global_step:
+                    cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+                return Path(cb.last_model_path)
+        path = self.ckpt_dir / "last.ckpt"
+        trainer.save_checkpoint(str(path), weights_only=False)
+        return path
 
     def report(self, rl_step: int) -> str:
         name = signal.Signals(self.stopped).name if self.stopped else "?"

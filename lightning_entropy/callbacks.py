@@ -108,6 +108,14 @@ class GracefulStop(L.Callback):
         self._install((signal.SIGTERM,) if signal.SIGTERM in self.signals else ())
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for s, h in self._previous.items():
                 signal.signal(s, h if h is not None else signal.SIG_DFL)

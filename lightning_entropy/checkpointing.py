@@ -136,7 +136,7 @@ def model_differences(saved: dict[str, Any] | None, cfg: Any) -> list[str]:
         return []
     from lightning_entropy.models import BUILTIN_PREFIX
 
-    old, new = saved["model"], cfg.model
+    old, new = _resolved_model(saved), cfg.model
     diffs = []
     old_name, new_name = str(old.get("name_or_path")), str(new.name_or_path)
     if old_name != new_name and not _same_dir(old_name, new_name):
@@ -147,6 +147,16 @@ def model_differences(saved: dict[str, Any] | None, cfg: Any) -> list[str]:
             if a is not None and a != b:
                 diffs.append(f"model.tiny.{k}: checkpoint {a}, now {b}")
     return diffs
+
+
+def _resolved_model(saved: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's model section with interpolations (kept for ${oc.env:...}) resolved here."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.create(saved).model, resolve=True)
+    except Exception:  # an interpolation that does not resolve here: compare as written
+        return saved["model"]
 
 
 def _same_dir(a: str, b: str) -> bool:

@@ -95,7 +95,7 @@ def check_trainer(cfg: DictConfig) -> None:
     if t.precision not in precisions:
         raise ConfigError(
             f"trainer.precision={t.precision!r} is not a Lightning precision"
-            f"{_closest(t.precision, precisions)} (one of: {', '.join(map(str, precisions))})"
+            f"{_closest(t.precision, precisions)} (one of: {', '.join(sorted({str(p) for p in precisions}))})"
         )
     accel = t.accelerator
     if isinstance(accel, str) and accel not in (names := accelerator_names()):

@@ -170,7 +170,13 @@ def _resolve_resume(args: Any) -> tuple[DictConfig, Path, str | None]:
             f"{meta.rl_step} in a new run directory"
         )
     named = any(o.split("=", 1)[0] == "logging.name" for o in args.overrides)
-    new_dir = fork_dir(run_dir, meta.rl_step, cfg.logging.name if named else None)
+    if named:
+        new_dir = fork_dir(run_dir, meta.rl_step, cfg.logging.name)
+    elif _env_rank() != 0 and RUN_NAME_ENV in os.environ:  # DDP: rank 0 already made (and named) it
+        new_dir = run_dir.parent / os.environ[RUN_NAME_ENV]
+    else:
+        new_dir = fork_dir(run_dir, meta.rl_step)
+        os.environ[RUN_NAME_ENV] = new_dir.name  # inherited by the ranks Lightning launches
     cfg.logging.name = new_dir.name
     return cfg, new_dir, str(ckpt)
 

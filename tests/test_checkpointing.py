@@ -206,3 +206,26 @@ def test_resume_of_a_checkpoint_without_last_is_allowed_only_from_the_newest(bas
     assert main(["fit", "--resume", str(run / "checkpoints" / "optstep2.ckpt"), "trainer.max_steps=3"]) == 0
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["last.ckpt", "optstep1.ckpt", "optstep2.ckpt", "optstep3.ckpt"]
+
+
+def test_fork_directory_is_named_once_and_shared_with_ddp_ranks(base_run, monkeypatch):
+    """Lightning relaunches the command for ranks 1..N after rank 0 made the fork directory: they must
+    join it, not pick the next free name."""
+    from lightning_entropy.__main__ import RUN_NAME_ENV, resolve_run
+
+    older = str(base_run / "checkpoints" / "optstep1.ckpt")
+
+    def args():
+        return type(
+            "Args",
+            (),
+            {"resume": older, "fork": True, "config": None, "imports": [], "overrides": [], "command": "fit"},
+        )
+
+    monkeypatch.delenv(RUN_NAME_ENV, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    _, rank0_dir, _ = resolve_run(args())
+    rank0_dir.mkdir()  # what rank 0 does next
+    monkeypatch.setenv("RANK", "1")
+    _, rank1_dir, _ = resolve_run(args())
+    assert rank1_dir == rank0_dir and os.environ[RUN_NAME_ENV] == rank0_dir.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_entropy.config import ConfigError, import_user_modules, load_config, to_yaml, validate
+from lightning_entropy.preflight import check_accelerator_available
 
 RUN_NAME_ENV = "LIGHTNING_ENTROPY_RUN_NAME"
 
@@ -36,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
             "--resume",
             help="PATH/last.ckpt to continue a run exactly" if name == "fit" else "checkpoint to evaluate",
         )
+        if name == "fit":
+            s.add_argument(
+                "--fork",
+                action="store_true",
+                help="with --resume of an older checkpoint (not the run's last.ckpt): continue from it "
+                "in a new run directory (<run>-fork<step>, or logging.name=...)",
+            )
         s.add_argument(
             "overrides", nargs="*", help="dot-list overrides, e.g. optim.lr=1e-4 loss.name=clip_cov"
         )
@@ -103,30 +112,89 @@ def cmd_report(run_dir: Path) -> int:
 
 
 def resolve_run(args: Any) -> tuple[DictConfig, Path, str | None]:
-    """Config and run directory; a resumed run keeps its directory and saved config."""
+    """Config and run directory; a resumed run keeps its directory and saved config (a fork of an
+    older checkpoint gets a new directory); a requeued Slurm job resumes its own run."""
     if args.resume:
-        ckpt = Path(args.resume)
-        if not ckpt.is_file():
-            raise ConfigError(f"--resume: checkpoint not found: {ckpt}")
-        run_dir = ckpt.parent.parent
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {saved} is missing; cannot tell how the run was configured")
-        cfg = load_config(args.config or saved, args.overrides, args.imports)
-        return cfg, run_dir, str(ckpt)
+        return _resolve_resume(args)
     cfg = load_config(args.config, args.overrides, args.imports)
     # DDP relaunches this command once per rank: every rank must agree on the generated name
-    name = cfg.logging.name or os.environ.setdefault(RUN_NAME_ENV, time.strftime("fit-%Y%m%d-%H%M%S"))
+    name = cfg.logging.name or os.environ.setdefault(RUN_NAME_ENV, default_run_name())
     run_dir = Path(cfg.logging.root) / name
+    requeued = _slurm_requeued_checkpoint(run_dir)
+    if requeued is not None:
+        args.resume = str(requeued)
+        return _resolve_resume(args)
     return cfg, run_dir, None
 
 
+def default_run_name() -> str:
+    """fit-<timestamp>-<random>: two runs started in the same second never share a directory. A
+    Slurm job is named by its job id instead, so that a requeued job finds its run again."""
+    from lightning_entropy.callbacks import slurm_job_id
+
+    job = slurm_job_id() if os.environ.get("SLURM_JOB_ID") else None
+    if job is not None:
+        return f"fit-slurm{job}"
+    return time.strftime("fit-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def _slurm_requeued_checkpoint(run_dir: Path) -> Path | None:
+    """On a requeued Slurm job (SLURM_RESTART_COUNT > 0), the run's last.ckpt to resume from."""
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def _resolve_resume(args: Any) -> tuple[DictConfig, Path, str | None]:
+    """Checks the checkpoint before anything is built or written: it is readable and ours, its model
+    matches the config's, and it is the head of its run unless --fork."""
+    from lightning_entropy.checkpointing import fork_dir, model_differences, newer_checkpoint, read_meta
+
+    ckpt = Path(args.resume)
+    meta = read_meta(ckpt)
+    run_dir = ckpt.parent.parent
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() and not args.config:
+        raise ConfigError(f"--resume: {saved} is missing; cannot tell how the run was configured")
+    cfg = load_config(args.config or saved, args.overrides, args.imports)
+    diffs = model_differences(meta.config, cfg)
+    if diffs:
+        raise ConfigError(f"--resume: the checkpoint's model differs from the config's: {'; '.join(diffs)}")
+    if getattr(args, "command", "fit") != "fit":
+        return cfg, run_dir, str(ckpt)
+    why = newer_checkpoint(meta)
+    if why is None:
+        if getattr(args, "fork", False):
+            raise ConfigError(f"--fork: {ckpt} is the head of its run; resume it without --fork")
+        return cfg, run_dir, str(ckpt)
+    if not getattr(args, "fork", False):
+        raise ConfigError(
+            f"--resume {ckpt}: an older checkpoint (RL step {meta.rl_step}); {why}. Resume "
+            f"{run_dir / 'checkpoints' / 'last.ckpt'}, or add --fork to continue from step "
+            f"{meta.rl_step} in a new run directory"
+        )
+    named = any(o.split("=", 1)[0] == "logging.name" for o in args.overrides)
+    if named:
+        new_dir = fork_dir(run_dir, meta.rl_step, cfg.logging.name)
+    elif _env_rank() != 0 and RUN_NAME_ENV in os.environ:  # DDP: rank 0 already made (and named) it
+        new_dir = run_dir.parent / os.environ[RUN_NAME_ENV]
+    else:
+        new_dir = fork_dir(run_dir, meta.rl_step)
+        os.environ[RUN_NAME_ENV] = new_dir.name  # inherited by the ranks Lightning launches
+    cfg.logging.name = new_dir.name
+    return cfg, new_dir, str(ckpt)
+
+
 def cmd_fit(args: Any, validate_only: bool = False) -> int:
+    args.command = getattr(args, "command", "validate" if validate_only else "fit")
     cfg, run_dir, ckpt = resolve_run(args)
+    fresh = not ckpt or getattr(args, "fork", False)  # a new run directory
     base = Path(args.config).parent if args.config else None
     import_user_modules(list(cfg.imports), base=base)
     validate(cfg)
-    if not ckpt and not validate_only and _env_rank() == 0:
+    check_accelerator_available(cfg)
+    if fresh and not validate_only and _env_rank() == 0:
         if run_dir.exists():
             raise ConfigError(
                 f"run directory {run_dir} already exists; never overwritten: choose another "
@@ -142,12 +210,14 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
     datamodule = build_datamodule(cfg)
     prepare_data(cfg, datamodule)  # reads, formats and measures every prompt: still nothing written
     is_rank0 = _env_rank() == 0
-    created = not ckpt and not validate_only and is_rank0
+    created = fresh and not validate_only and is_rank0
     if not validate_only and is_rank0:
-        run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
+        run_dir.mkdir(parents=True, exist_ok=not fresh)
         (
-            run_dir / ("config.yaml" if not ckpt else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+            run_dir / ("config.yaml" if fresh else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
         ).write_text(to_yaml(cfg))
+        if ckpt and fresh:
+            (run_dir / "forked_from.txt").write_text(f"{Path(ckpt).resolve()}\n")
     progress: dict[str, Any] = {}
     try:
         return _run(cfg, run_dir, ckpt, validate_only, datamodule, ModelCheckpoint, RLVRModule, progress)
@@ -177,6 +247,8 @@ def _run(
 ) -> int:
     import lightning as L
 
+    from lightning_entropy.callbacks import GracefulStop
+    from lightning_entropy.checkpointing import AtomicCheckpointIO
     from lightning_entropy.export import POLICY_CONFIG, save_policy, save_policy_config
     from lightning_entropy.loggers import SampleTable, build_loggers
 
@@ -197,7 +269,9 @@ def _run(
         every_n_train_steps=cfg.logging.ckpt_every * per_step,
         save_top_k=-1,
         auto_insert_metric_name=False,
+        enable_version_counter=False,  # one last.ckpt per run directory, never last-v1.ckpt
     )
+    stopper = GracefulStop(run_dir / "checkpoints")
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -209,7 +283,8 @@ def _run(
         logger=loggers or False,
         callbacks=[]
         if validate_only
-        else [ckpt_cb, SampleTable(run_dir, cfg.logging.samples_every, cfg.logging.samples_n)],
+        else [stopper, ckpt_cb, SampleTable(run_dir, cfg.logging.samples_every, cfg.logging.samples_n)],
+        plugins=[AtomicCheckpointIO()],
         val_check_interval=cfg.logging.val_every,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
@@ -230,6 +305,10 @@ def _run(
     finally:
         if _env_rank() == 0:
             os.environ.pop(RUN_NAME_ENV, None)
+    if stopper.stopped is not None:
+        if trainer.is_global_zero:
+            print(stopper.report(module.rl_step), file=sys.stderr)
+        return 128 + int(stopper.stopped)
     if trainer.is_global_zero:
         if _sharded(t.strategy):
             print(f"final/ not written under strategy {t.strategy}: the policy is sharded", file=sys.stderr)
@@ -292,7 +371,7 @@ def prepare_policy(cfg: DictConfig, datamodule: Any) -> str:
 
     name = cfg.model.name_or_path
     if not name.startswith(BUILTIN_PREFIX):
-        return name
+        return os.path.expanduser(name)  # "~/models/x" is a path (from_pretrained does not expand it)
     tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True)
     data_spec = {  # for reading only: the cache key is a digest of the warm-start examples themselves
         "task": cfg.data.task if cfg.data.path is None else None,
@@ -321,6 +400,7 @@ def _quiet_known_warnings() -> None:
         ".*`IterableDataset` has `__len__` defined.*",
         ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
         ".*litlogger.*",
+        ".*The dirpath has changed from.*",  # a --fork continues in a new directory by design
     ):
         warnings.filterwarnings("ignore", message=pattern)
 

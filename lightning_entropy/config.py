@@ -203,6 +203,7 @@ def load_config(
             layers.append(OmegaConf.load(p))
         except Exception as err:  # YAML syntax errors carry the line number
             raise ConfigError(f"{p}: cannot parse YAML: {err}") from err
+        _check_top_level(p, layers[-1])
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' is not of the form key=value (e.g. optim.lr=1e-4)")
@@ -263,6 +264,14 @@ def _switch_data_source(cfg: DictConfig, layer: Any) -> None:
         cfg.data.options = {}
     if "options" in new:
         cfg.data.options = {}
+
+def _check_top_level(path: Path, layer: Any) -> None:
+    """A config file is a mapping of sections; a list or a scalar at the top is a mistake."""
+    if not isinstance(layer, DictConfig):
+        kind = "a list" if OmegaConf.is_list(layer) else type(layer).__name__
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of config sections (model:, data:, ...), got {kind}"
+        )
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
@@ -384,6 +393,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     _validate_data(cfg)
     _validate_model(cfg)
     _validate_loggers(cfg)
+    from lightning_entropy.preflight import check_config
+
+    check_config(cfg)  # trainer names, task, model path, run name: before any directory exists
     return comps
 
 
@@ -505,4 +517,15 @@ def _validate_model(cfg: DictConfig) -> None:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The config as saved in a run directory (see :func:`saved_container`)."""
+    return OmegaConf.to_yaml(cfg, resolve=not uses_env(cfg))
+
+
+def saved_container(cfg: DictConfig) -> dict[str, Any]:
+    """The config as stored in a checkpoint: resolved, except that a config reading environment
+    variables (``${oc.env:VAR}``, often a secret) keeps every interpolation as written."""
+    return OmegaConf.to_container(cfg, resolve=not uses_env(cfg))
+
+
+def uses_env(cfg: DictConfig) -> bool:
+    return "oc.env" in OmegaConf.to_yaml(cfg, resolve=False)

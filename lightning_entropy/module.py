@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_entropy import rollout as R
-from lightning_entropy.config import COMPONENT_SECTIONS, build_component
+from lightning_entropy.config import COMPONENT_SECTIONS, build_component, saved_container
 from lightning_entropy.export import drop_reference_weights, restore_reference_weights
 from lightning_entropy.forward import PolicyForward
 from lightning_entropy.health import HealthMonitor
@@ -241,7 +241,7 @@ class RLVRModule(L.LightningModule):
             "health": self.health.state_dict(),
             "components": {s: c.state_dict() for s, c in self.components.items()},
             "rng": rng_state(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": saved_container(self.cfg),  # ${oc.env:...} kept unresolved (secrets)
         }
         drop_reference_weights(checkpoint)  # rebuilt from its path on resume
 

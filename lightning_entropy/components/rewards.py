@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import re
 import signal
+import time
 from collections import Counter
 from fractions import Fraction
 from functools import lru_cache
@@ -237,14 +238,32 @@ def _math_verify_check(completion: str, reference: str) -> tuple[bool, str | Non
     return correct, extracted, None if correct else "wrong answer"
 
 
-def _math_verify_worker(conn: Any) -> None:
+@lru_cache(maxsize=1)
+def _warm_math_verify() -> None:
+    """Import math-verify and run one comparison: its first call compiles grammars and fills caches
+    (a second or more on a busy machine), which a forked worker then inherits."""
+    import math_verify  # noqa: F401
+
+    log = logging.getLogger("math_verify")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its "timeout is disabled" notices: the pool enforces deadlines
+    try:
+        _math_verify_check("\\boxed{\\frac{1}{2}}", "0.5")
+    except Exception:  # warming is best effort; a real failure shows on a real sample
+        pass
+    finally:
+        log.setLevel(level)
+
+
+def _math_verify_worker(conn: Any, check: Any = _math_verify_check) -> None:
     """Worker loop. math-verify's own timeouts use SIGALRM (main thread only); they are disabled
     here and the parent enforces the deadline by killing this process instead."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    # a forked worker inherits the trainer's SIGTERM handler, which would ignore the parent's terminate()
+    # a forked worker inherits the trainer's SIGTERM handler, which would ignore the parent's terminate();
+    # Ctrl-C reaches the whole process group: the parent decides, the worker must not die noisily
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    import math_verify  # noqa: F401  (import before the handshake so it does not eat a deadline)
-
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _warm_math_verify()  # before the handshake, so that first-use costs do not eat a sample's deadline
     conn.send("ready")
     while True:
         try:
@@ -252,7 +271,7 @@ def _math_verify_worker(conn: Any) -> None:
         except EOFError:
             return
         try:
-            conn.send(_math_verify_check(*job))
+            conn.send(check(*job))
         except Exception as err:  # a verifier bug must cost one sample, not the run
             conn.send((False, None, f"error: {type(err).__name__}"))
 
@@ -262,12 +281,16 @@ class MathVerifyReward(Reward):
     """r = correct_reward iff math-verify finds the completion's final answer (\\boxed{...}, "answer
     is ...", else the last expression) equivalent to the reference, else wrong_reward.
 
-    Each sample runs in a worker process under a ``timeout_s`` deadline: math-verify's signal-based
-    timeouts only work in the main thread, so a hung comparison (e.g. ``10^{10^{10^{10}}}``) is killed
-    with its worker instead, scored wrong_reward with reason "timeout", and the worker restarted.
+    Samples are scored in a pool of ``workers`` processes. Each sample has a ``timeout_s`` deadline
+    and the whole call (one RL step's rollout) a ``deadline_s`` one: math-verify's signal-based
+    timeouts only work in the main thread, so a hung comparison (e.g. ``10^{10^{10^{10}}}``) is
+    killed with its worker instead and the worker restarted; at the step deadline every sample not
+    yet scored gets wrong_reward. Both are reason "timeout", counted in the logged ``timeouts``.
     ``start_method`` picks the multiprocessing context ("fork" is cheapest; "spawn" is safest).
     Verifier: huggingface/Math-Verify (used by open-r1); no paper.
     """
+
+    _check = staticmethod(_math_verify_check)  # what a worker runs per sample (tests inject a slow one)
 
     def __init__(
         self,
@@ -275,12 +298,18 @@ class MathVerifyReward(Reward):
         correct_reward: float = 1.0,
         wrong_reward: float = 0.0,
         timeout_s: float = 5.0,
+        deadline_s: float = 60.0,
+        workers: int = 4,
         start_method: str = "fork",
     ) -> None:
         if correct_reward <= wrong_reward:
             raise ValueError(f"correct_reward={correct_reward} must exceed wrong_reward={wrong_reward}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s} must be > 0")
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s={deadline_s} must be > 0")
+        if not (isinstance(workers, int) and workers >= 1):
+            raise ValueError(f"workers={workers!r} must be an integer >= 1")
         if start_method not in multiprocessing.get_all_start_methods():
             raise ValueError(
                 f"start_method={start_method!r} is not available here; "
@@ -289,60 +318,114 @@ class MathVerifyReward(Reward):
         self.correct_reward = correct_reward
         self.wrong_reward = wrong_reward
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
+        self.workers = workers
         self.start_method = start_method
-        self._worker: tuple[Any, Any] | None = None
+        self._pool: list[tuple[Any, Any] | None] = [None] * workers
 
-    def _start(self) -> None:
-        import math_verify  # noqa: F401  (imported once here, a forked worker restarts instantly)
+    def _start(self, slot: int) -> tuple[Any, Any]:
+        if self.start_method == "fork":
+            _warm_math_verify()  # once per process: a forked worker then restarts warm and instantly
 
         ctx = multiprocessing.get_context(self.start_method)
         conn, child_conn = ctx.Pipe()
-        proc = ctx.Process(target=_math_verify_worker, args=(child_conn,), daemon=True)
+        proc = ctx.Process(target=_math_verify_worker, args=(child_conn, type(self)._check), daemon=True)
         proc.start()
         child_conn.close()
         # Importing sympy can take seconds under "spawn"; that must not count as a sample's timeout.
         if not conn.poll(120.0) or conn.recv() != "ready":
             proc.kill()
             raise RuntimeError("math_verify worker failed to start within 120 s")
-        self._worker = (proc, conn)
+        self._pool[slot] = (proc, conn)
+        return proc, conn
 
-    def close(self) -> None:
-        """Stop the worker process (a later call starts a fresh one)."""
-        if self._worker is not None:
-            proc, conn = self._worker
-            self._worker = None
+    def _stop(self, slot: int) -> None:
+        worker = self._pool[slot]
+        if worker is not None:
+            proc, conn = worker
+            self._pool[slot] = None
             proc.kill()
             proc.join()
             conn.close()
 
+    def close(self) -> None:
+        """Stop the worker processes (a later call starts fresh ones)."""
+        for slot in range(len(self._pool)):
+            self._stop(slot)
+
+    def _worker(self, slot: int) -> tuple[Any, Any]:
+        worker = self._pool[slot]
+        if worker is None or not worker[0].is_alive():
+            self._stop(slot)
+            worker = self._start(slot)
+        return worker
+
+    def check_all(self, jobs: list[tuple[str, str]]) -> list[tuple[bool, str | None, str | None]]:
+        """(correct, extracted, reason) per job, scored in the pool within both deadlines."""
+        from multiprocessing.connection import wait
+
+        results: list[tuple[bool, str | None, str | None] | None] = [None] * len(jobs)
+        todo = list(range(len(jobs)))[::-1]  # popped from the end: in order
+        busy: dict[int, tuple[int, float]] = {}  # slot -> (job, started)
+        deadline = time.monotonic() + self.deadline_s
+        while todo or busy:
+            for slot in range(self.workers):
+                if todo and slot not in busy:
+                    job = todo.pop()
+                    try:
+                        self._worker(slot)[1].send(jobs[job])
+                        busy[slot] = (job, time.monotonic())
+                    except (EOFError, OSError):
+                        self._stop(slot)
+                        results[job] = (False, None, "verifier crashed")
+            if not busy:
+                continue
+            now = time.monotonic()
+            until = min(deadline, *(t + self.timeout_s for _, t in busy.values()))
+            conns = {self._pool[slot][1]: slot for slot in busy}
+            for conn in wait(list(conns), timeout=max(0.0, until - now)):
+                slot = conns[conn]
+                job, _ = busy.pop(slot)
+                try:
+                    results[job] = conn.recv()
+                except (EOFError, OSError):  # the worker died mid-sample (out of memory, a signal)
+                    self._stop(slot)
+                    results[job] = (False, None, "verifier crashed")
+            now = time.monotonic()
+            for slot, (job, started) in list(busy.items()):
+                if now >= started + self.timeout_s or now >= deadline:
+                    busy.pop(slot)
+                    self._stop(slot)
+                    results[job] = (False, None, "timeout")
+            if now >= deadline:
+                for job in todo:
+                    results[job] = (False, None, "timeout")
+                todo = []
+        return results  # type: ignore[return-value]
+
     def check(self, completion: str, reference: str) -> tuple[bool, str | None, str | None]:
         """(correct, extracted, reason) for one sample, within the deadline."""
-        if self._worker is None or not self._worker[0].is_alive():
-            self.close()
-            self._start()
-        _, conn = self._worker
-        try:
-            conn.send((completion, reference))
-            if not conn.poll(self.timeout_s):
-                self.close()
-                return False, None, "timeout"
-            return conn.recv()
-        except (EOFError, OSError):  # the worker died mid-sample (out of memory, a signal)
-            self.close()
-            return False, None, "verifier crashed"
+        return self.check_all([(completion, reference)])[0]
 
     def __call__(
         self, prompts: list[str], completions: list[str], references: list[str | None]
     ) -> tuple[Tensor, list[Info]]:
         _check_lengths(completions, references)
-        values, infos = [], []
-        for completion, reference in zip(completions, references):
+        outcomes: list[tuple[bool, str | None, str | None] | None] = []
+        jobs, where = [], []
+        for i, (completion, reference) in enumerate(zip(completions, references)):
             if reference is None:
-                correct, extracted, reason = False, None, "no reference"
+                outcomes.append((False, None, "no reference"))
             elif not (completion or "").strip():
-                correct, extracted, reason = False, None, "empty answer"
+                outcomes.append((False, None, "empty answer"))
             else:
-                correct, extracted, reason = self.check(completion, reference)
+                outcomes.append(None)
+                jobs.append((completion, reference))
+                where.append(i)
+        for i, outcome in zip(where, self.check_all(jobs)):
+            outcomes[i] = outcome
+        values, infos = [], []
+        for correct, extracted, reason in outcomes:
             values.append(self.correct_reward if correct else self.wrong_reward)
             infos.append({"extracted": extracted, "correct": correct, "reason": reason})
         self.metrics["timeouts"] = float(sum(i["reason"] == "timeout" for i in infos))
@@ -350,7 +433,7 @@ class MathVerifyReward(Reward):
 
     def __getstate__(self) -> dict[str, Any]:
         # A live process cannot be pickled or deep-copied; the copy starts its own on first use.
-        return {**self.__dict__, "_worker": None}
+        return {**self.__dict__, "_pool": [None] * self.workers}
 
     def __del__(self) -> None:
         try:

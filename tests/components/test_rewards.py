@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import pickle
 import threading
+import time
 
 import pytest
 import torch
@@ -226,7 +227,8 @@ def test_math_verify_runs_off_the_main_thread(math_reward):
 def test_math_verify_copies_without_the_worker(math_reward):
     math_reward([""], ["1"], ["1"])
     clone = copy.deepcopy(math_reward)
-    assert clone._worker is None and pickle.loads(pickle.dumps(math_reward))._worker is None
+    assert clone._pool == [None] * clone.workers
+    assert pickle.loads(pickle.dumps(math_reward))._pool == [None] * math_reward.workers
     assert clone([""], ["\\boxed{2}"], ["2"])[0].tolist() == [1.0]
     clone.close()
 
@@ -238,6 +240,62 @@ def test_math_verify_validation():
         MathVerifyReward(start_method="threads")
     with pytest.raises(ValueError, match="correct_reward=0.0"):
         MathVerifyReward(correct_reward=0.0)
+    with pytest.raises(ValueError, match="deadline_s=0"):
+        MathVerifyReward(deadline_s=0)
+    with pytest.raises(ValueError, match="workers=0"):
+        MathVerifyReward(workers=0)
+
+
+def _sleepy_check(completion: str, reference: str) -> tuple[bool, str | None, str | None]:
+    """A deliberately slow verifier: sleeps `completion` seconds, then calls it correct."""
+    time.sleep(float(completion))
+    return True, completion, None
+
+
+class _SleepyReward(MathVerifyReward):
+    _check = staticmethod(_sleepy_check)
+
+
+def test_math_verify_pool_scores_in_parallel():
+    reward = _SleepyReward(workers=4, timeout_s=20.0, deadline_s=60.0)
+    try:
+        reward([""], ["0"], ["x"])  # start the workers outside the timed part
+        start = time.monotonic()
+        r, infos = reward([""] * 4, ["1.0"] * 4, ["x"] * 4)
+        elapsed = time.monotonic() - start
+        assert r.tolist() == [1.0] * 4 and reward.metrics["timeouts"] == 0.0
+        assert elapsed < 3.0, f"4 x 1 s on 4 workers took {elapsed:.1f}s: not in parallel"
+    finally:
+        reward.close()
+
+
+def test_math_verify_step_deadline_scores_the_rest_zero_and_counts_them():
+    # 8 samples of 1 s on 2 workers need 4 s; the 1.5 s step deadline lets the first 2 finish
+    reward = _SleepyReward(workers=2, timeout_s=20.0, deadline_s=1.5, wrong_reward=-1.0)
+    try:
+        reward([""], ["0"], ["x"])
+        start = time.monotonic()
+        r, infos = reward([""] * 8, ["1.0"] * 8, ["x"] * 8)
+        elapsed = time.monotonic() - start
+        assert elapsed < 3.5, f"the step deadline was not enforced ({elapsed:.1f}s)"
+        assert r.tolist() == [1.0, 1.0] + [-1.0] * 6
+        assert _reasons(infos) == [None, None] + ["timeout"] * 6
+        assert reward.metrics["timeouts"] == 6.0
+        # the pool recovers: killed workers are restarted for the next step
+        r, infos = reward([""] * 2, ["0.1"] * 2, ["x"] * 2)
+        assert r.tolist() == [1.0, 1.0]
+    finally:
+        reward.close()
+
+
+def test_math_verify_sample_timeout_in_the_pool_frees_the_worker():
+    reward = _SleepyReward(workers=2, timeout_s=0.5, deadline_s=30.0)
+    try:
+        r, infos = reward([""] * 4, ["30", "0.1", "0.1", "0.1"], ["x"] * 4)
+        assert _reasons(infos) == ["timeout", None, None, None]
+        assert r.tolist() == [0.0, 1.0, 1.0, 1.0]
+    finally:
+        reward.close()
 
 
 # ---- registry ------------------------------------------------------------------------------------

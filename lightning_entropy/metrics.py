@@ -65,25 +65,13 @@ class TokenMean(Metric):
         )
 
 
-class SumRatio(Metric):
+class SumRatio(TokenMean):
     """sum(totals) / sum(counts), both pooled: for values that arrive as parts of one number, e.g. a
     micro-batch's share of a mini-batch loss (total = the share, count = 1 per mini-batch)."""
 
-    full_state_update = False
-    higher_is_better = None
-    is_differentiable = False
-
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
-        super().__init__(**kwargs)
-        self.add_state("total", default=_zero(), dist_reduce_fx="sum")
-        self.add_state("count", default=_zero(), dist_reduce_fx="sum")
-
-    def update(self, total: Tensor | float, count: Tensor | float = 1.0) -> None:
+    def update(self, total: Tensor | float, count: Tensor | float = 1.0) -> None:  # type: ignore[override]
         self.total += torch.as_tensor(total, dtype=_F64, device=self.device).detach()
-        self.count += float(count)
-
-    def compute(self) -> Tensor:
-        return torch.where(self.count != 0, self.total / torch.where(self.count != 0, self.count, 1.0), 0.0)
+        self.weight += float(count)
 
 
 class ScalarMean(TokenMean):

@@ -1,5 +1,6 @@
 """End-to-end fits of the tiny policy through the real CLI path (few steps, tiny model)."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,53 @@ def test_validate_command_reports_without_writing(tmp_path, tiny_cache, capsys):
     out = capsys.readouterr().out
     assert "val/acc" in out and "val/pass@4" in out
     assert sorted((run / "logs").iterdir()) == versions
+
+
+NAN_REWARD = '''
+import math, torch
+from lightning_entropy import register
+from lightning_entropy.components.rewards import ExactMatchReward
+
+@register("reward", "nan_first", override=True)
+class NanFirst(ExactMatchReward):
+    """exact_match, but the first response of every call scores NaN (a buggy user reward)."""
+    def __call__(self, prompts, completions, references):
+        r, info = super().__call__(prompts, completions, references)
+        r = r.clone().float()
+        r[0] = math.nan
+        return r, info
+'''
+
+
+def fit_with_plugin(plugin, tmp_path, name, *extra):
+    assert main(["fit", "--import", str(plugin), *TINY, f"logging.root={tmp_path}", f"logging.name={name}", *extra]) == 0
+    return tmp_path / name
+
+
+def test_nan_reward_costs_one_sample_not_the_run(tmp_path, tiny_cache):
+    plugin = tmp_path / "nan_reward.py"
+    plugin.write_text(NAN_REWARD)
+    run = fit_with_plugin(plugin, tmp_path, "nan", "trainer.max_steps=2", "logging.ckpt_every=1",
+                          "reward.name=nan_first")
+    series = read_metrics(run)
+    assert [v for _, v in series["rollout/nonfinite_rewards"]] == [1.0, 1.0]
+    for key in ("train/reward", "train/pg_loss", "train/grad_norm"):
+        assert all(math.isfinite(v) for _, v in series[key]), key
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_dapo_dynamic_sampling_and_overlong_shaping_run(tmp_path, tiny_cache):
+    run = fit(tmp_path, "dapo", "trainer.max_steps=2", "algo.dynamic_sampling=true", "algo.max_sampling_rounds=2",
+              "algo.overlong_buffer=2", "algo.overlong_filter=true")
+    series = read_metrics(run)
+    assert [v for _, v in series["rollout/sampling_rounds"]][0] in (1.0, 2.0)
+    assert "rollout/filled_groups" in series and "time/generate" in series
+
+
+def test_non_finite_reward_in_strict_mode_stops_with_the_sample_named(tmp_path, tiny_cache):
+    plugin = tmp_path / "nan_reward.py"
+    plugin.write_text(NAN_REWARD)
+    with pytest.raises(RuntimeError, match="reward 'nan_first' returned nan for sample 0"):
+        fit_with_plugin(plugin, tmp_path, "strict", "trainer.max_steps=1", "reward.name=nan_first",
+                        "reward.strict=true")

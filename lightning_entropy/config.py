@@ -221,6 +221,8 @@ def load_config(
     if overrides:
         for ov in overrides:  # `key=#### (.+)` is YAML for a comment: null, not the user's text
             key, raw = ov.split("=", 1)
+            if "${" in raw:  # an interpolation resolves against the whole config, later
+                continue
             if raw.strip().lower() not in ("", "null", "~") and OmegaConf.select(layers[-1], key) is None:
                 raise ConfigError(
                     f"override '{ov}': the value parses as YAML null (a '#' starts a comment); quote it, "
@@ -456,7 +458,9 @@ def _validate_data(cfg: DictConfig) -> None:
         try:
             data_mod.make_task(d.task, d.difficulty, **options)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"data.options: {err}") from err
+            msg = str(err).splitlines()[0]
+            key = f"data.difficulty={d.difficulty}" if "difficulty" in msg else f"data.options={options}"
+            raise ConfigError(f"{key} (data.task={d.task}): {msg}") from err
     if d.train_size < 1 or d.val_size < 1:
         raise ConfigError("data.train_size and data.val_size must be >= 1")
     if d.long_prompts not in ("drop", "error"):

@@ -191,6 +191,9 @@ def cmd_fit(args: Any, validate_only: bool = False) -> int:
     finally:
         if _env_rank() == 0:
             os.environ.pop(RUN_NAME_ENV, None)
+    from lightning_entropy.completion import mark_finished  # done.json: the sweep's proof of a finished run
+
+    mark_finished(run_dir, trainer)
     if trainer.is_global_zero:
         print(f"\nRun finished in {time.time() - start:.0f}s: {run_dir}")
         if cfg.logging.plot:

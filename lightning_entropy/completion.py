@@ -31,9 +31,9 @@ def mark_finished(run_dir: str | Path, trainer: Any) -> Path | None:
         return None
     run_dir = Path(run_dir)
     series = read_metrics(run_dir)  # the CSV logger has flushed: trainer.fit finalised it
-    last_step = max((pts[-1][0] for pts in series.values() if pts), default=None)
     marker = {
-        "rl_step": last_step,
+        # RL steps completed (each is updates_per_step optimizer steps); metrics carry their own steps
+        "rl_steps": trainer.global_step // trainer.lightning_module.updates_per_step,
         "optimizer_steps": trainer.global_step,
         "metrics": {k: _json_float(pts[-1][1]) for k, pts in sorted(series.items()) if pts},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

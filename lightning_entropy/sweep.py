@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from lightning_entropy.completion import read_marker
 from lightning_entropy.config import ConfigError, import_user_modules, load_config, validate
 
+SLURM_RESULT_GRACE_S = 20  # seconds a job may be out of squeue before its missing result counts as lost
 SWEEP_KEYS = {"name", "base", "overrides", "seeds", "grid", "launcher", "slurm", "root", "imports"}
 
 
@@ -233,13 +234,32 @@ def _launch_slurm(spec: dict[str, Any], runs: list[Run], sweep_dir: Path) -> Non
         jobs.append(executor.submit(main, fit_args(spec, r, sweep_dir)))
     for r, j in zip(runs, jobs):
         print(f"  submitted {r.name}: job {j.job_id}", flush=True)
-    for r, j in zip(runs, jobs):
-        try:
-            rc = j.result()
-            if rc != 0:
-                print(f"  {r.name}: exit {rc}; see {j.paths.stdout}", flush=True)
-        except Exception as err:  # a job that crashed or was cancelled
-            print(f"  {r.name}: {str(err).strip().splitlines()[0]}", flush=True)
+    pending = dict(zip(jobs, runs))
+    left_queue: dict[Any, float] = {}
+    while pending:
+        for j, r in list(pending.items()):
+            if j.done():
+                del pending[j]
+                try:
+                    rc = j.result()
+                    if rc != 0:
+                        print(f"  {r.name}: exit {rc}; see {j.paths.stdout}", flush=True)
+                except Exception as err:  # a job that crashed or was cancelled
+                    print(f"  {r.name}: {str(err).strip().splitlines()[0]}", flush=True)
+            elif executor.cluster == "slurm" and not _in_slurm_queue(j.job_id):
+                # submitit learns that a job ended without a result from sacct, which a cluster without
+                # accounting storage refuses: it would wait forever on a job killed by scancel or
+                # SIGKILL. squeue says the job is gone; a short grace lets a result file still appear.
+                if time.time() - left_queue.setdefault(j, time.time()) > SLURM_RESULT_GRACE_S:
+                    del pending[j]
+                    print(f"  {r.name}: job {j.job_id} left the queue without a result; see {j.paths.stderr}")
+        time.sleep(1)
+
+
+def _in_slurm_queue(job_id: str) -> bool:
+    # pending, running or completing; squeue exits 1 for an id it has already forgotten
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return bool(out.stdout.strip())
 
 
 def run_sweep(path: str | Path, root: str | None = None, dry_run: bool = False) -> int:

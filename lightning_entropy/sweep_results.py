@@ -50,7 +50,7 @@ def run_rows(sweep_dir: Path, runs: list[Run]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "run": r.name,
             "status": "finished" if marker else "unfinished",
-            "rl_step": marker["rl_step"] if marker else None,
+            "rl_steps": marker["rl_steps"] if marker else None,
         }
         for k in RESULT_KEYS:
             row[k] = marker["metrics"].get(k, math.nan) if marker else None
@@ -61,7 +61,7 @@ def run_rows(sweep_dir: Path, runs: list[Run]) -> list[dict[str, Any]]:
 def results_table(sweep_dir: Path, runs: list[Run]) -> str:
     """Write ``results.csv`` (empty cells for unfinished runs) and return it as text."""
     rows = run_rows(sweep_dir, runs)
-    fields = ["run", "status", "rl_step", *RESULT_KEYS]
+    fields = ["run", "status", "rl_steps", *RESULT_KEYS]
     with open(sweep_dir / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
@@ -69,7 +69,7 @@ def results_table(sweep_dir: Path, runs: list[Run]) -> str:
     return _text_table(
         fields,
         [
-            [row["run"], row["status"], str(row["rl_step"] or "-")] + [_cell(row[k]) for k in RESULT_KEYS]
+            [row["run"], row["status"], str(row["rl_steps"] or "-")] + [_cell(row[k]) for k in RESULT_KEYS]
             for row in rows
         ],
     )

@@ -38,8 +38,9 @@ def _slurm_unavailable() -> str | None:
         ).stdout.split()
     except subprocess.TimeoutExpired:
         return "sinfo did not answer within 20s (is slurmctld running?)"
-    if not {"idle", "mix"} & set(states):
-        return f"sinfo shows no idle node (states: {states or 'none'})"
+    # a busy node (allocated, mixed, completing) still takes jobs: they queue; down or drained ones do not
+    if not {"idle", "mix", "alloc", "comp"} & set(states):
+        return f"sinfo shows no node that takes jobs (states: {states or 'none'})"
     return None
 
 
@@ -103,3 +104,28 @@ def test_scancel_one_job_then_relaunch_resumes_only_it(tmp_path, tiny_cache):
     assert read_marker(long_run)["rl_steps"] == 10
     rows = {r["run"]: r["status"] for r in csv.DictReader(open(out / "results.csv"))}
     assert rows == {"max_steps2": "finished", "max_steps10": "finished"}
+
+
+def test_srun_launches_one_ddp_rank_per_task(tmp_path, tiny_cache):
+    # the single-node case of multi-node launching: srun starts 2 tasks, Lightning's SLURMEnvironment
+    # makes them the 2 DDP ranks; only global rank 0 may create the run directory and the marker
+    f = tmp_path / "grid.yaml"
+    overrides = ", ".join(
+        f"'{o}'" for o in [*TINY, "trainer.max_steps=2", "trainer.devices=2", "trainer.strategy=ddp"]
+    )
+    f.write_text(
+        f"name: tiny\noverrides: [{overrides}]\ngrid:\n  advantage.name: [grpo]\nlauncher: slurm\n"
+        "slurm: {nodes: 1, tasks_per_node: 2, cpus_per_task: 1, timeout_min: 10}\n"
+    )
+    out = tmp_path / "out" / "tiny"
+    assert run_sweep(f, root=str(tmp_path / "out")) == 0
+    assert read_marker(out / "grpo")["rl_steps"] == 2
+    logs = sorted((out / "slurm").glob("*_log.err"))
+    assert len(logs) == 2  # one per srun task
+    ranks = {
+        line.split("GLOBAL_RANK: ")[1].split(",")[0]
+        for p in logs
+        for line in p.read_text().splitlines()
+        if "GLOBAL_RANK: " in line
+    }
+    assert ranks == {"0", "1"}

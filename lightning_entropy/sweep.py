@@ -12,6 +12,10 @@ every seed) is one ordinary ``fit`` run in ``<root>/<sweep name>/<run name>``::
       regularizer: [{name: none}, {name: entropy_bonus, coef: 0.001}]
     launcher: local                   # or slurm (needs the `submitit` extra)
     slurm: {partition: gpu, timeout_min: 240, gpus_per_node: 1, cpus_per_task: 8}
+
+A run is finished only when its ``done.json`` exists (``completion.py``); launching the sweep again
+skips finished runs, resumes the others from ``last.ckpt`` and starts the rest. Results, the
+per-point table and the overlay figure are in ``sweep_results.py``.
 """
 
 from __future__ import annotations
@@ -173,6 +177,8 @@ def launch(spec: dict[str, Any], runs: list[Run], sweep_dir: Path, dry_run: bool
     """
     states = {r.name: run_state(sweep_dir, r) for r in runs}
     todo = [r for r in runs if states[r.name] != "finished"]
+    if spec.get("launcher", "local") == "slurm":
+        _refuse_active_jobs(spec, todo)
     counts = {s: sum(v == s for v in states.values()) for s in ("finished", "resume", "stale", "new")}
     print("  " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), flush=True)
     for r in todo:
@@ -230,7 +236,7 @@ def _launch_slurm(spec: dict[str, Any], runs: list[Run], sweep_dir: Path) -> Non
     jobs = []
     for r in runs:
         # the job name shows in squeue which run a job is (and lets a user scancel one run)
-        executor.update_parameters(name=f"{spec['name']}:{r.name}")
+        executor.update_parameters(name=_job_name(spec, r))
         jobs.append(executor.submit(main, fit_args(spec, r, sweep_dir)))
     for r, j in zip(runs, jobs):
         print(f"  submitted {r.name}: job {j.job_id}", flush=True)
@@ -254,6 +260,29 @@ def _launch_slurm(spec: dict[str, Any], runs: list[Run], sweep_dir: Path) -> Non
                     del pending[j]
                     print(f"  {r.name}: job {j.job_id} left the queue without a result; see {j.paths.stderr}")
         time.sleep(1)
+
+
+def _job_name(spec: dict[str, Any], run: Run) -> str:
+    return f"{spec['name']}:{run.name}"
+
+
+def _refuse_active_jobs(spec: dict[str, Any], runs: list[Run]) -> None:
+    """A relaunch while a run's job is still queued or running would start a second process on the
+    same run directory (or move it away as stale); Slurm knows the job by its name."""
+    try:
+        out = subprocess.run(["squeue", "--me", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return  # no squeue here: submitit will say that there is no Slurm
+    active = {}  # job name -> job id
+    for line in out.stdout.splitlines():
+        job_id, _, name = line.strip().partition(" ")
+        active[name] = job_id
+    for r in runs:
+        if _job_name(spec, r) in active:
+            raise ConfigError(
+                f"run '{r.name}' is still queued or running as Slurm job {active[_job_name(spec, r)]}; "
+                "wait for it or scancel it before launching the sweep again"
+            )
 
 
 def _in_slurm_queue(job_id: str) -> bool:

@@ -85,6 +85,10 @@ def test_scancel_one_job_then_relaunch_resumes_only_it(tmp_path, tiny_cache):
         time.sleep(0.5)
     jobs = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout
     job_id = next(line.split()[0] for line in jobs.splitlines() if line.split()[1] == "tiny:max_steps10")
+    # a relaunch while the job still runs would put a second process on its run directory
+    early = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert early.returncode == 2
+    assert f"run 'max_steps10' is still queued or running as Slurm job {job_id}" in early.stderr
     subprocess.run(["scancel", job_id], check=True)
     log, _ = sweep.communicate(timeout=300)
     assert sweep.returncode == 1, log

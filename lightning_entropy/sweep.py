@@ -270,7 +270,9 @@ def _refuse_active_jobs(spec: dict[str, Any], runs: list[Run]) -> None:
     """A relaunch while a run's job is still queued or running would start a second process on the
     same run directory (or move it away as stale); Slurm knows the job by its name."""
     try:
-        out = subprocess.run(["squeue", "--me", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["squeue", "--me", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return  # no squeue here: submitit will say that there is no Slurm
     active = {}  # job name -> job id

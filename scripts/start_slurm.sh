@@ -18,6 +18,7 @@ fi
 
 start=$(date +%s)
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
+    command -v apt-get >/dev/null || fail "slurm-wlm/munge are not installed and there is no apt-get (not Debian?)"
     echo "start_slurm: installing slurm-wlm and munge"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null || fail "apt-get update failed"

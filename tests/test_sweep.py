@@ -124,8 +124,10 @@ def test_local_sweep_finishes_tabulates_resumes_and_skips(tmp_path, tiny_cache, 
     assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # rloo__seed1 killed after its step-1 checkpoint: last.ckpt, no marker; grpo__seed1 died before
-    # its first checkpoint (a directory and nothing to resume from)
+    # its first checkpoint (a directory and nothing to resume from); grpo__seed0 was killed between its
+    # final checkpoint and the marker
     killed = out / "rloo__seed1"
+    (out / "grpo__seed0" / "done.json").unlink()
     os.replace(killed / "checkpoints" / "optstep1.ckpt", killed / "checkpoints" / "last.ckpt")
     (killed / "done.json").unlink()
     shutil.rmtree(out / "grpo__seed1" / "checkpoints")
@@ -135,7 +137,8 @@ def test_local_sweep_finishes_tabulates_resumes_and_skips(tmp_path, tiny_cache, 
     assert rows["rloo__seed1"]["status"] == "unfinished"
     assert rows["rloo__seed1"]["train/entropy"] == "" and rows["rloo__seed1"]["rl_steps"] == ""
     results_by_point(out, runs)
-    rloo = list(csv.DictReader(open(out / "results_by_point.csv")))[1]
+    grpo, rloo = csv.DictReader(open(out / "results_by_point.csv"))
+    assert (grpo["finished"], grpo["train/entropy_mean"], grpo["train/entropy_std"]) == ("0", "", "")
     assert (rloo["finished"], rloo["train/entropy_std"]) == ("1", "")
     assert float(rloo["train/entropy_mean"]) == pytest.approx(
         markers["rloo__seed0"]["metrics"]["train/entropy"]
@@ -146,11 +149,12 @@ def test_local_sweep_finishes_tabulates_resumes_and_skips(tmp_path, tiny_cache, 
     commands = [
         shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("python")
     ]
-    # the stale run starts over from its grid overrides, the killed one resumes, finished ones do not appear
-    assert len(commands) == 2
-    assert "logging.name=grpo__seed1" in commands[0] and "--resume" not in commands[0]
+    # the stale run starts over from its grid overrides, killed ones resume, finished ones do not appear
+    assert len(commands) == 3
+    assert commands[0][4:6] == ["--resume", str(out / "grpo__seed0" / "checkpoints" / "last.ckpt")]
+    assert "logging.name=grpo__seed1" in commands[1] and "--resume" not in commands[1]
     last = str(killed / "checkpoints" / "last.ckpt")
-    assert commands[1] == [
+    assert commands[2] == [
         "python",
         "-m",
         "lightning_entropy",
@@ -160,10 +164,13 @@ def test_local_sweep_finishes_tabulates_resumes_and_skips(tmp_path, tiny_cache, 
         "logging.progress=false",
     ]
 
-    untouched = {n: (out / n / "done.json").stat().st_mtime_ns for n in ("grpo__seed0", "rloo__seed0")}
+    untouched = (out / "rloo__seed0" / "done.json").stat().st_mtime_ns
     assert run_sweep(f, root=str(tmp_path / "out")) == 0
-    assert {n: (out / n / "done.json").stat().st_mtime_ns for n in untouched} == untouched
-    assert not list((out / "grpo__seed0").glob("config.resume-*.yaml"))
+    assert (out / "rloo__seed0" / "done.json").stat().st_mtime_ns == untouched
+    assert not list((out / "rloo__seed0").glob("config.resume-*.yaml"))
+    # resumed at max_steps: nothing left to train, but now it has its marker
+    assert len(list((out / "grpo__seed0").glob("config.resume-*.yaml"))) == 1
+    assert read_marker(out / "grpo__seed0")["optimizer_steps"] == 2
     # the killed run continued from its checkpoint (a resume config, a second log version) and finished
     assert len(list(killed.glob("config.resume-*.yaml"))) == 1
     assert sorted(p.name for p in (killed / "logs").iterdir()) == ["version_0", "version_1"]

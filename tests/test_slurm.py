@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lightning_entropy.completion import read_marker
+from lightning_entropy.config import ConfigError
 from lightning_entropy.sweep import run_sweep
 
 from .conftest import TINY
@@ -72,42 +73,39 @@ def test_slurm_sweep_runs_both_runs(tmp_path, tiny_cache):
 
 
 def test_scancel_one_job_then_relaunch_resumes_only_it(tmp_path, tiny_cache):
-    # one short and one long run, so the long one is surely mid-way when it is cancelled
-    f = slurm_sweep(tmp_path, "  trainer.max_steps: [2, 10]", ("logging.ckpt_every=1", "logging.val_every=5"))
+    # one short and one long run, so the long one is surely mid-way when it is cancelled (within a
+    # second of its first checkpoint; 15 steps take 15 s or more)
+    f = slurm_sweep(tmp_path, "  trainer.max_steps: [2, 16]", ("logging.ckpt_every=1", "logging.val_every=5"))
     out = tmp_path / "out" / "tiny"
     cmd = [sys.executable, "-m", "lightning_entropy", "sweep", str(f), "--root", str(tmp_path / "out")]
     sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    long_run = out / "max_steps10"
+    long_run = out / "max_steps16"
     deadline = time.time() + 300
     while not (long_run / "checkpoints" / "optstep1.ckpt").is_file():
         assert sweep.poll() is None, sweep.stdout.read()
         assert time.time() < deadline, "the long run wrote no checkpoint within 300s"
         time.sleep(0.5)
     jobs = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout
-    job_id = next(line.split()[0] for line in jobs.splitlines() if line.split()[1] == "tiny:max_steps10")
-    # a relaunch while the job still runs would put a second process on its run directory
-    early = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert early.returncode == 2
-    assert f"run 'max_steps10' is still queued or running as Slurm job {job_id}" in early.stderr
+    job_id = next(line.split()[0] for line in jobs.splitlines() if line.split()[1] == "tiny:max_steps16")
     subprocess.run(["scancel", job_id], check=True)
     log, _ = sweep.communicate(timeout=300)
     assert sweep.returncode == 1, log
-    assert "did not finish" in log and "max_steps10" in log.splitlines()[-1]
+    assert "did not finish" in log and "max_steps16" in log.splitlines()[-1]
     assert read_marker(long_run) is None and (long_run / "checkpoints" / "last.ckpt").is_file()
     assert read_marker(out / "max_steps2")["rl_steps"] == 2
     rows = {r["run"]: r["status"] for r in csv.DictReader(open(out / "results.csv"))}
-    assert rows == {"max_steps2": "finished", "max_steps10": "unfinished"}
+    assert rows == {"max_steps2": "finished", "max_steps16": "unfinished"}
 
     short_done = (out / "max_steps2" / "done.json").stat().st_mtime_ns
     relaunch = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert relaunch.returncode == 0, relaunch.stdout + relaunch.stderr
     assert "1 finished, 1 resume" in relaunch.stdout
-    assert relaunch.stdout.count("submitted ") == 1 and "submitted max_steps10" in relaunch.stdout
+    assert relaunch.stdout.count("submitted ") == 1 and "submitted max_steps16" in relaunch.stdout
     assert (out / "max_steps2" / "done.json").stat().st_mtime_ns == short_done
     assert len(list(long_run.glob("config.resume-*.yaml"))) == 1
-    assert read_marker(long_run)["rl_steps"] == 10
+    assert read_marker(long_run)["rl_steps"] == 16
     rows = {r["run"]: r["status"] for r in csv.DictReader(open(out / "results.csv"))}
-    assert rows == {"max_steps2": "finished", "max_steps10": "finished"}
+    assert rows == {"max_steps2": "finished", "max_steps16": "finished"}
 
 
 def test_srun_launches_one_ddp_rank_per_task(tmp_path, tiny_cache):
@@ -133,3 +131,20 @@ def test_srun_launches_one_ddp_rank_per_task(tmp_path, tiny_cache):
         if "GLOBAL_RANK: " in line
     }
     assert ranks == {"0", "1"}
+
+
+def test_relaunch_refuses_a_run_whose_job_is_still_active(tmp_path):
+    # a job named like the sweep's run (<sweep>:<run>) stands for one left running by the last launch
+    f = slurm_sweep(tmp_path, "  advantage.name: [grpo]", ("trainer.max_steps=2",))
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-J", "tiny:grpo", "-o", "/dev/null", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        with pytest.raises(ConfigError, match=f"run 'grpo' is still queued or running as Slurm job {job};"):
+            run_sweep(f, root=str(tmp_path / "out"))
+        assert not (tmp_path / "out" / "tiny" / "grpo").exists()  # nothing was started or moved
+    finally:
+        subprocess.run(["scancel", job], check=True)

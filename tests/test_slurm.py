@@ -51,11 +51,11 @@ pytestmark = [
 ]
 
 
-def slurm_sweep(tmp_path: Path, grid: str, extra: tuple[str, ...] = ()) -> Path:
+def slurm_sweep(tmp_path: Path, grid: str, extra: tuple[str, ...] = (), name: str = "tiny") -> Path:
     overrides = ", ".join(f"'{o}'" for o in [*TINY, *extra])
     f = tmp_path / "grid.yaml"
     f.write_text(
-        f"name: tiny\noverrides: [{overrides}]\ngrid:\n{grid}\n"
+        f"name: {name}\noverrides: [{overrides}]\ngrid:\n{grid}\n"
         "launcher: slurm\nslurm: {cpus_per_task: 1, timeout_min: 20}\n"
     )
     return f
@@ -134,10 +134,11 @@ def test_srun_launches_one_ddp_rank_per_task(tmp_path, tiny_cache):
 
 
 def test_relaunch_refuses_a_run_whose_job_is_still_active(tmp_path):
-    # a job named like the sweep's run (<sweep>:<run>) stands for one left running by the last launch
-    f = slurm_sweep(tmp_path, "  advantage.name: [grpo]", ("trainer.max_steps=2",))
+    # a job named like the sweep's run (<sweep>:<run>) stands for one left running by the last launch;
+    # the sweep has a name of its own, so jobs of the other tests (still completing) cannot match
+    f = slurm_sweep(tmp_path, "  advantage.name: [grpo]", ("trainer.max_steps=2",), name="held")
     job = subprocess.run(
-        ["sbatch", "--parsable", "-J", "tiny:grpo", "-o", "/dev/null", "--wrap", "sleep 300"],
+        ["sbatch", "--parsable", "-J", "held:grpo", "-o", "/dev/null", "--wrap", "sleep 300"],
         capture_output=True,
         text=True,
         check=True,
@@ -145,6 +146,6 @@ def test_relaunch_refuses_a_run_whose_job_is_still_active(tmp_path):
     try:
         with pytest.raises(ConfigError, match=f"run 'grpo' is still queued or running as Slurm job {job};"):
             run_sweep(f, root=str(tmp_path / "out"))
-        assert not (tmp_path / "out" / "tiny" / "grpo").exists()  # nothing was started or moved
+        assert not (tmp_path / "out" / "held" / "grpo").exists()  # nothing was started
     finally:
         subprocess.run(["scancel", job], check=True)

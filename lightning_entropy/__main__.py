@@ -319,6 +319,9 @@ def _run(
         )
         if cfg.logging.plot:
             cmd_report(run_dir)
+    from lightning_entropy.completion import mark_finished  # done.json: the sweep's proof of a finished run
+
+    mark_finished(run_dir, trainer)  # last: final/ and the report are out
     return 0
 
 
@@ -406,7 +409,12 @@ def _quiet_known_warnings() -> None:
 
 
 def _env_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    # RANK/LOCAL_RANK: set for processes that Lightning (or torchrun) launched; SLURM_PROCID: the task
+    # index when srun launched one process per device (Lightning's SLURMEnvironment), before any RANK
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 if __name__ == "__main__":

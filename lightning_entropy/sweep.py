@@ -12,32 +12,41 @@ every seed) is one ordinary ``fit`` run in ``<root>/<sweep name>/<run name>``::
       regularizer: [{name: none}, {name: entropy_bonus, coef: 0.001}]
     launcher: local                   # or slurm (needs the `submitit` extra)
     slurm: {partition: gpu, timeout_min: 240, gpus_per_node: 1, cpus_per_task: 8}
+
+A run is finished only when its ``done.json`` exists (``completion.py``); launching the sweep again
+skips finished runs, resumes the others from ``last.ckpt`` and starts the rest. Results, the
+per-point table and the overlay figure are in ``sweep_results.py``.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
-import math
+import os
 import re
+import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from lightning_entropy.completion import read_marker
 from lightning_entropy.config import ConfigError, import_user_modules, load_config, validate
 
-RESULT_KEYS = ("val/acc", "val/pass@1", "val/pass@8", "train/reward", "train/entropy", "train/cov_logp_adv")
+SLURM_RESULT_GRACE_S = 20  # seconds a job may be out of squeue before its missing result counts as lost
 SWEEP_KEYS = {"name", "base", "overrides", "seeds", "grid", "launcher", "slurm", "root", "imports"}
 
 
 @dataclass
 class Run:
-    name: str
+    name: str  # run directory under the sweep directory
     overrides: list[str]
+    point: str = ""  # the grid point (the name without its seed): seeds of one point are averaged
+    seed: int | None = None
+    values: dict[str, Any] = field(default_factory=dict)  # grid key -> value, for error messages
 
 
 def _as_overrides(key: str, value: Any) -> list[str]:
@@ -92,14 +101,35 @@ def load_sweep(path: str | Path) -> tuple[dict[str, Any], list[Run]]:
     keys = list(grid)
     runs = []
     for values in itertools.product(*(grid[k] for k in keys)):
+        point = "__".join(_label(k, v) for k, v in zip(keys, values))
         for seed in seeds:
             overrides = [o for k, v in zip(keys, values) for o in _as_overrides(k, v)]
-            label = "__".join(_label(k, v) for k, v in zip(keys, values))
+            label = point
             if seed is not None:
                 overrides.append(f"seed={seed}")
                 label += f"__seed{seed}"
-            runs.append(Run(label, list(spec.get("overrides") or []) + overrides))
+            runs.append(
+                Run(
+                    label, list(spec.get("overrides") or []) + overrides, point, seed, dict(zip(keys, values))
+                )
+            )
+    _refuse_collisions(path, runs)
     return spec, runs
+
+
+def _refuse_collisions(path: Path, runs: list[Run]) -> None:
+    """Two grid values that the run name cannot tell apart ('a b', 'a_b') would share one directory."""
+    seen: dict[str, Run] = {}
+    for r in runs:
+        other = seen.setdefault(r.name, r)
+        if other is not r:
+            a = {**other.values, "seed": other.seed}
+            b = {**r.values, "seed": r.seed}
+            diff = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]) or "identical values"
+            raise ConfigError(
+                f"{path}: grid values ({diff}) map to the same run directory '{r.name}'; "
+                "make them differ in letters, digits or _.=-"
+            )
 
 
 def check_runs(spec: dict[str, Any], runs: list[Run]) -> None:
@@ -113,6 +143,11 @@ def check_runs(spec: dict[str, Any], runs: list[Run]) -> None:
 
 
 def fit_args(spec: dict[str, Any], run: Run, sweep_dir: Path) -> list[str]:
+    """The ``fit`` arguments that start ``run``, or continue it when it left a ``last.ckpt``."""
+    ckpt = sweep_dir / run.name / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        # the run's saved config.yaml (imports included) is the config; the grid is not re-applied
+        return ["fit", "--resume", str(ckpt), "logging.progress=false"]
     args = ["fit"] + (["--config", spec["base"]] if spec.get("base") else [])
     for item in spec.get("imports") or []:
         args += ["--import", item]
@@ -123,39 +158,66 @@ def fit_args(spec: dict[str, Any], run: Run, sweep_dir: Path) -> list[str]:
     )
 
 
+def run_state(sweep_dir: Path, run: Run) -> str:
+    """finished (done.json), resume (a last.ckpt, no marker), stale (a directory, no checkpoint), new."""
+    run_dir = sweep_dir / run.name
+    if read_marker(run_dir) is not None:
+        return "finished"
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return "resume"
+    return "stale" if run_dir.exists() else "new"
+
+
 def launch(spec: dict[str, Any], runs: list[Run], sweep_dir: Path, dry_run: bool = False) -> list[str]:
-    """Run the grid; returns the runs that failed. Finished runs (a config and a last.ckpt) are
-    skipped, so an interrupted sweep is continued by launching it again."""
-    todo = [r for r in runs if not (sweep_dir / r.name / "checkpoints" / "last.ckpt").is_file()]
+    """Run every unfinished run; returns the names of those that did not finish.
+
+    Launching a sweep again continues it: finished runs (a ``done.json``) are skipped, runs with a
+    ``last.ckpt`` resume from it, and a run that died before its first checkpoint starts over (its
+    directory is moved to ``.stale/``, never deleted).
+    """
+    states = {r.name: run_state(sweep_dir, r) for r in runs}
+    todo = [r for r in runs if states[r.name] != "finished"]
+    if spec.get("launcher", "local") == "slurm":
+        _refuse_active_jobs(spec, todo)
+    counts = {s: sum(v == s for v in states.values()) for s in ("finished", "resume", "stale", "new")}
+    print("  " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), flush=True)
     for r in todo:
-        if (sweep_dir / r.name).exists():
-            raise ConfigError(
-                f"{sweep_dir / r.name} exists but has no last.ckpt (a crashed run?); "
-                "move it away to rerun it, it is never overwritten"
-            )
+        if states[r.name] != "stale":
+            continue
+        if dry_run:
+            print(f"# {sweep_dir / r.name} has no checkpoint: would be moved to .stale/ and started over")
+            continue
+        moved = sweep_dir / ".stale" / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        moved.parent.mkdir(exist_ok=True)
+        os.replace(sweep_dir / r.name, moved)
+        print(f"  {r.name}: died before its first checkpoint; moved to {moved}, starting over", flush=True)
     if dry_run:
         for r in todo:
-            print("python -m lightning_entropy " + " ".join(fit_args(spec, r, sweep_dir)))
+            print(shlex.join(["python", "-m", "lightning_entropy", *fit_args(spec, r, sweep_dir)]))
         return []
     if spec.get("launcher", "local") == "slurm":
-        return _launch_slurm(spec, todo, sweep_dir)
-    failed = []
-    for i, r in enumerate(todo):
-        print(f"[{i + 1}/{len(todo)}] {r.name}", flush=True)
-        log = sweep_dir / f"{r.name}.log"
-        with open(log, "w") as fh:
-            rc = subprocess.call(
-                [sys.executable, "-m", "lightning_entropy", *fit_args(spec, r, sweep_dir)],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-            )
-        if rc != 0:
-            failed.append(r.name)
-            print(f"  failed (exit {rc}); see {log}", flush=True)
+        _launch_slurm(spec, todo, sweep_dir)
+    else:
+        _launch_local(spec, todo, sweep_dir)
+    # the marker, not the exit code, says whether a run finished (an early stop exits 0 without one)
+    failed = [r.name for r in todo if read_marker(sweep_dir / r.name) is None]
     return failed
 
 
-def _launch_slurm(spec: dict[str, Any], runs: list[Run], sweep_dir: Path) -> list[str]:
+def _launch_local(spec: dict[str, Any], runs: list[Run], sweep_dir: Path) -> None:
+    for i, r in enumerate(runs):
+        args = fit_args(spec, r, sweep_dir)
+        print(f"[{i + 1}/{len(runs)}] {r.name}{' (resuming)' if '--resume' in args else ''}", flush=True)
+        log = sweep_dir / f"{r.name}.log"
+        with open(log, "a") as fh:  # a resumed run appends to the log of its first attempt
+            rc = subprocess.call(
+                [sys.executable, "-m", "lightning_entropy", *args], stdout=fh, stderr=subprocess.STDOUT
+            )
+        if rc != 0:
+            print(f"  failed (exit {rc}); see {log}", flush=True)
+
+
+def _launch_slurm(spec: dict[str, Any], runs: list[Run], sweep_dir: Path) -> None:
     try:
         import submitit
     except ImportError as err:
@@ -171,55 +233,82 @@ def _launch_slurm(spec: dict[str, Any], runs: list[Run], sweep_dir: Path) -> lis
             for k, v in (spec.get("slurm") or {}).items()
         }
     )
-    jobs = [executor.submit(main, fit_args(spec, r, sweep_dir)) for r in runs]
-    print(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs)}")
-    failed = []
-    for r, j in zip(runs, jobs):
-        try:
-            if j.result() != 0:
-                failed.append(r.name)
-        except Exception as err:  # a job that crashed or was cancelled
-            failed.append(r.name)
-            print(f"{r.name}: {err}")
-    return failed
-
-
-def results_table(sweep_dir: Path, runs: list[Run]) -> tuple[list[dict[str, Any]], str]:
-    """Last value of each result metric per run; written to results.csv and returned as text."""
-    from lightning_entropy.report import read_metrics
-
-    rows = []
+    jobs = []
     for r in runs:
-        series = read_metrics(sweep_dir / r.name) if (sweep_dir / r.name).is_dir() else {}
-        row: dict[str, Any] = {"run": r.name}
-        for k in RESULT_KEYS:
-            pts = series.get(k)
-            row[k] = pts[-1][1] if pts else math.nan
-        rows.append(row)
-    with open(sweep_dir / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["run", *RESULT_KEYS])
-        w.writeheader()
-        w.writerows(rows)
-    head = ["run", *RESULT_KEYS]
-    cells = [head] + [[row["run"]] + [f"{row[k]:.4f}" for k in RESULT_KEYS] for row in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return rows, "\n".join(lines)
+        # the job name shows in squeue which run a job is (and lets a user scancel one run)
+        executor.update_parameters(name=_job_name(spec, r))
+        jobs.append(executor.submit(main, fit_args(spec, r, sweep_dir)))
+    for r, j in zip(runs, jobs):
+        print(f"  submitted {r.name}: job {j.job_id}", flush=True)
+    pending = dict(zip(jobs, runs))
+    left_queue: dict[Any, float] = {}
+    while pending:
+        for j, r in list(pending.items()):
+            if j.done():
+                del pending[j]
+                try:
+                    rc = j.result()
+                    if rc != 0:
+                        print(f"  {r.name}: exit {rc}; see {j.paths.stdout}", flush=True)
+                except Exception as err:  # a job that crashed or was cancelled
+                    print(f"  {r.name}: {str(err).strip().splitlines()[0]}", flush=True)
+            elif executor.cluster == "slurm" and not _in_slurm_queue(j.job_id):
+                # submitit learns that a job ended without a result from sacct, which a cluster without
+                # accounting storage refuses: it would wait forever on a job killed by scancel or
+                # SIGKILL. squeue says the job is gone; a short grace lets a result file still appear.
+                if time.time() - left_queue.setdefault(j, time.time()) > SLURM_RESULT_GRACE_S:
+                    del pending[j]
+                    print(f"  {r.name}: job {j.job_id} left the queue without a result; see {j.paths.stderr}")
+        time.sleep(1)
+
+
+def _job_name(spec: dict[str, Any], run: Run) -> str:
+    return f"{spec['name']}:{run.name}"
+
+
+def _refuse_active_jobs(spec: dict[str, Any], runs: list[Run]) -> None:
+    """A relaunch while a run's job is still queued or running would start a second process on the
+    same run directory (or move it away as stale); Slurm knows the job by its name."""
+    try:
+        out = subprocess.run(
+            ["squeue", "--me", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return  # no squeue here: submitit will say that there is no Slurm
+    active = {}  # job name -> job id
+    for line in out.stdout.splitlines():
+        job_id, _, name = line.strip().partition(" ")
+        active[name] = job_id
+    for r in runs:
+        if _job_name(spec, r) in active:
+            raise ConfigError(
+                f"run '{r.name}' is still queued or running as Slurm job {active[_job_name(spec, r)]}; "
+                "wait for it or scancel it before launching the sweep again"
+            )
+
+
+def _in_slurm_queue(job_id: str) -> bool:
+    # pending, running or completing; squeue exits 1 for an id it has already forgotten
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return bool(out.stdout.strip())
 
 
 def run_sweep(path: str | Path, root: str | None = None, dry_run: bool = False) -> int:
+    from lightning_entropy.sweep_results import overlay_figure, results_by_point, results_table
+
     spec, runs = load_sweep(path)
     check_runs(spec, runs)
     sweep_dir = Path(root or spec.get("root") or "runs") / spec["name"]
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
     print(f"sweep '{spec['name']}': {len(runs)} runs -> {sweep_dir}")
     failed = launch(spec, runs, sweep_dir, dry_run=dry_run)
     if dry_run:
         return 0
-    _, table = results_table(sweep_dir, runs)
-    print(table)
-    print(f"results: {sweep_dir / 'results.csv'}")
+    print(results_table(sweep_dir, runs))
+    print(results_by_point(sweep_dir, runs))
+    print(f"results: {sweep_dir / 'results.csv'}, {sweep_dir / 'results_by_point.csv'}")
+    print(f"figure: {overlay_figure(sweep_dir, runs)}")
     if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+        print(f"{len(failed)} run(s) did not finish (launch the sweep again to resume): {', '.join(failed)}")
     return 1 if failed else 0

@@ -67,9 +67,10 @@ class Clock(L.Callback):
         self.times, self.phases = [], []
     def on_train_batch_start(self, *a):
         self.t0 = time.perf_counter()
-    def on_train_batch_end(self, trainer, *a):
+    def on_train_batch_end(self, trainer, pl_module, *a):
         self.times.append(time.perf_counter() - self.t0)
-        self.phases.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time/")})
+        stats = getattr(pl_module, "last_step_stats", {})
+        self.phases.append({k: v for k, v in stats.items() if k.startswith("time/")})
 
 L.seed_everything(0, verbose=False)
 dm = build_datamodule(cfg)

@@ -114,13 +114,17 @@ def main() -> None:
             build_policy(policy, **SETTINGS[setting]["model"])
             res: dict[str, list] = {"baseline": [], "current": []}
             phases: list[dict] = []
+            pair_ratios = []
             for _ in range(args.reps):
-                res["baseline"] += run(base, policy, setting, args.warm, args.steps)["times"]
+                base_t = run(base, policy, setting, args.warm, args.steps)["times"]
                 cur = run(ROOT, policy, setting, args.warm, args.steps)
+                res["baseline"] += base_t
                 res["current"] += cur["times"]
                 phases += cur["phases"]
+                pair_ratios.append(statistics.median(base_t) / statistics.median(cur["times"]))
             b, c = statistics.median(res["baseline"]), statistics.median(res["current"])
             print(f"\n[{setting}] step median: baseline {b:.3f} s, current {c:.3f} s -> {b / c:.2f}x faster")
+            print(f"  per interleaved pair: {', '.join(f'{r:.2f}x' for r in pair_ratios)}")
             keys = sorted({k for p in phases for k in p})
             for k in keys:
                 v = statistics.median(p[k] for p in phases if k in p)

@@ -459,8 +459,9 @@ def _validate_data(cfg: DictConfig) -> None:
             data_mod.make_task(d.task, d.difficulty, **options)
         except (TypeError, ValueError) as err:
             msg = str(err).splitlines()[0]
-            key = f"data.difficulty={d.difficulty}" if "difficulty" in msg else f"data.options={options}"
-            raise ConfigError(f"{key} (data.task={d.task}): {msg}") from err
+            if msg.startswith("difficulty"):
+                raise ConfigError(f"data.difficulty={d.difficulty} (data.task={d.task}): {msg}") from err
+            raise ConfigError(f"data.options: {msg}") from err
     if d.train_size < 1 or d.val_size < 1:
         raise ConfigError("data.train_size and data.val_size must be >= 1")
     if d.long_prompts not in ("drop", "error"):

@@ -194,7 +194,7 @@ def check_task(cfg: DictConfig) -> None:
         make_task(d.task, d.difficulty, **dict(options or {}))
     except (ValueError, TypeError) as err:
         msg = str(err).splitlines()[0]
-        key = f"data.difficulty={d.difficulty}" if "difficulty" in msg else f"data.options={options}"
+        key = f"data.difficulty={d.difficulty}" if msg.startswith("difficulty") else f"data.options={options}"
         raise ConfigError(f"{key} (data.task={d.task}): {msg}") from err
 
 

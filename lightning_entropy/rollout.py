@@ -81,17 +81,20 @@ class RolloutStage:
         batch: RolloutBatch,
         extra_examples: Any,
         timer: PhaseTimer,
+        lookup: dict[int, Any],
     ) -> RolloutBatch:
         """DAPO's dynamic sampling: keep only groups whose rewards differ, drawing
         ``extra_examples(round, n)`` prompts until the batch has as many groups as it started
         with or ``max_sampling_rounds`` generations ran; then fill up with the dropped groups, so
-        every rank ends with the same number of groups (their advantages are 0, as without it)."""
+        every rank ends with the same number of groups (their advantages are 0, as without it).
+        ``lookup`` (group id -> example) gains the extra prompts' groups."""
         want = int(torch.unique(batch.group_ids).numel())
         kept, spare = _split_groups(batch)
         rounds, next_id = 1, int(batch.group_ids.max()) + 1
         while len(kept) < want and rounds < self.max_rounds:
             examples = extra_examples(rounds, want)
             more = self.sample(policy, examples, next_id, timer)
+            lookup.update({next_id + i: e for i, e in enumerate(examples)})
             next_id = int(more.group_ids.max()) + 1
             k, sp = _split_groups(more)
             kept, spare, rounds = kept + k, spare + sp, rounds + 1
@@ -113,11 +116,12 @@ class RolloutStage:
     ) -> RolloutBatch:
         """``extra_examples(round, n)`` gives more prompts for dynamic sampling."""
         batch = self.sample(policy, examples, group_offset, timer)
+        lookup = {group_offset + i: e for i, e in enumerate(examples)}  # group id -> its example
         if self.dynamic_sampling:
-            batch = self.informative(policy, batch, extra_examples, timer)
+            batch = self.informative(policy, batch, extra_examples, timer, lookup)
 
         def resample(rows: list[int], temperature: float) -> RolloutBatch:
-            picked = [examples[batch.group_ids[r].item() - group_offset] for r in rows]
+            picked = [lookup[int(batch.group_ids[r])] for r in rows]
             out = self.sample(policy, picked, 0, timer, temperature=temperature)
             rows_t = torch.tensor(rows, device=out.group_ids.device)
             out.group_ids = batch.group_ids[rows_t].repeat_interleave(self.group_size)

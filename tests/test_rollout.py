@@ -82,11 +82,14 @@ def test_dynamic_sampling_keeps_informative_groups_and_draws_more():
         return _examples(n)
 
     timer = PhaseTimer()
-    batch = stage.sample(None, _examples(3), 0, timer)
-    out = stage.informative(None, batch, extra, timer)
+    first = _examples(3)
+    batch = stage.sample(None, first, 0, timer)
+    lookup = dict(enumerate(first))  # what the stage starts from: group id -> example
+    out = stage.informative(None, batch, extra, timer, lookup)
     assert drawn == [(1, 3), (2, 3)]
     assert out.size == 6 and out.rewards.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
     assert torch.unique(out.group_ids).numel() == 3  # ids stay distinct across rounds
+    assert set(out.group_ids.tolist()) <= set(lookup)  # every kept group maps back to its prompt
     m = stage.c["sampler"].metrics
     assert m["sampling_rounds"] == 3.0 and m["filled_groups"] == 0.0
 
@@ -96,7 +99,7 @@ def test_dynamic_sampling_fills_with_uninformative_groups_at_the_round_cap():
     stage = _stage(script, dynamic_sampling=True, max_sampling_rounds=2)
     timer = PhaseTimer()
     batch = stage.sample(None, _examples(2), 0, timer)
-    out = stage.informative(None, batch, lambda r, n: _examples(n), timer)
+    out = stage.informative(None, batch, lambda r, n: _examples(n), timer, {})
     # one informative group (0,1), filled with the first dropped group (1,1): same size on every rank
     assert out.size == 4 and out.rewards.tolist() == [0.0, 1.0, 1.0, 1.0]
     assert stage.c["sampler"].metrics["filled_groups"] == 1.0

@@ -49,6 +49,8 @@ class RolloutBatch:
     # Optional per-token old-policy extras, filled only when a component lists them in `requires`.
     self_certainty: Tensor | None = None  # [B, T] logsumexp(z) - mean_v(z)  (UCAS)
     sampled_logits: Tensor | None = None  # [B, T] raw logit of the sampled token (UCAS)
+    # [B, T] sum_v p_v^2 (H + log p_v) at the training temperature (Clip_V's vocabulary baseline)
+    discriminator_baseline: Tensor | None = None
     paired_rewards: Tensor | None = None  # [B] reward of a second, index-paired sample (AAPO)
     # [B] an advantage fixed by a regularizer for the whole response (AEPO); NaN keeps the estimator's
     advantage_override: Tensor | None = None

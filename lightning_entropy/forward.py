@@ -12,7 +12,8 @@ from lightning_entropy import ops
 from lightning_entropy.batch import RolloutBatch
 
 # Old-policy extras a component can ask for through ``requires`` (filled by ``old_policy_pass``).
-OLD_PASS_EXTRAS = frozenset({"self_certainty", "sampled_logits"})
+UCAS_EXTRAS = frozenset({"self_certainty", "sampled_logits"})
+OLD_PASS_EXTRAS = UCAS_EXTRAS | {"discriminator_baseline"}
 
 
 def model_inputs(b: RolloutBatch) -> dict[str, Tensor]:
@@ -79,11 +80,13 @@ class PolicyForward:
         policy: torch.nn.Module,
         batch: RolloutBatch,
         ref_policy: torch.nn.Module | None = None,
-        extras: bool = False,
+        extras: bool | frozenset[str] = False,
         policy_stats: bool = True,
     ) -> None:
         """Fill log pi_old and its entropy (``policy_stats``), the reference log-probs (``ref_policy``)
-        and the UCAS extras (``extras``) for every response token, in eval mode."""
+        and the ``extras`` (names of OLD_PASS_EXTRAS; True: the UCAS ones) for every response token,
+        in eval mode."""
+        extras = UCAS_EXTRAS if extras is True else frozenset(extras or ())
         was = policy.training
         policy.eval()
         cols: dict[str, list[Tensor]] = {}
@@ -95,12 +98,17 @@ class PolicyForward:
                 )
                 cols.setdefault("old_logprobs", []).append(lp)
                 cols.setdefault("entropy", []).append(ent)
-                if extras:
+                if extras & UCAS_EXTRAS:
                     c, z = ops.self_certainty_and_token_logit(
                         logits, mb.response_ids, temperature=self.temperature, chunk_size=self.chunk_size
                     )
                     cols.setdefault("self_certainty", []).append(c)
                     cols.setdefault("sampled_logits", []).append(z)
+                if "discriminator_baseline" in extras:  # Clip_V
+                    n = ops.discriminator_baseline(
+                        logits, ent, temperature=self.temperature, chunk_size=self.chunk_size
+                    )
+                    cols.setdefault("discriminator_baseline", []).append(n)
                 del logits
             if ref_policy is not None:
                 rl, _ = ops.logprobs_and_entropy(

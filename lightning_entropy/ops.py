@@ -307,6 +307,33 @@ def self_certainty_and_token_logit(
     return cert.view(targets.shape), tok.view(targets.shape)
 
 
+@torch.no_grad()
+def discriminator_baseline(
+    logits: Tensor, entropy: Tensor, temperature: float = 1.0, chunk_size: int = 1024
+) -> Tensor:
+    """Clip_V's vocabulary baseline (arXiv 2602.03392, METHODS §8.2), no grad, fp32 [B, T]:
+    N_t = E_{v~p}[p_v (H_t + log p_v)] = H_t sum_v p_v^2 + sum_v p_v^2 log p_v, p = softmax(logits / T).
+
+    ``entropy`` [B, T] is H_t of the same distribution (the old-policy pass already has it). One fp32
+    [chunk, V] buffer at a time, as the Trinity-RFT ``compute_N_from_logits`` on the whole batch.
+    """
+    _check(temperature, chunk_size)
+    if entropy.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"entropy shape {tuple(entropy.shape)} != logits shape[:-1] {tuple(logits.shape[:-1])}"
+        )
+    flat, n, hflat = _flat_view(logits), entropy.numel(), entropy.reshape(-1).float()
+    out = torch.empty(n, dtype=torch.float32, device=logits.device)
+    for i in range(0, n, chunk_size):
+        j = min(i + chunk_size, n)
+        z = _to_fp32_scaled(_row_chunk(logits, flat, i, j), temperature)
+        z = torch.log_softmax(z, -1).clamp_(min=_LOGP_FLOOR)  # log p; p^2 log p is 0 below the floor
+        p2 = z.exp().square_()
+        out[i:j] = hflat[i:j] * p2.sum(-1) + p2.mul_(z).sum(-1)
+        del z, p2
+    return out.view(entropy.shape)
+
+
 def naive_logprobs_and_entropy(
     logits: Tensor,
     targets: Tensor,

@@ -133,7 +133,7 @@ class RolloutStage:
                 policy,
                 batch,
                 ref_policy=ref_policy if self.uses_ref else None,
-                extras=bool(self.needs & OLD_PASS_EXTRAS),
+                extras=frozenset(self.needs & OLD_PASS_EXTRAS),
                 policy_stats=not self.skip_old_pass,
             )
         reward = self.c["reward"]

@@ -95,6 +95,25 @@ def test_old_policy_pass_matches_naive_log_softmax(policy_dir):
     assert torch.allclose(batch.entropy, ent, atol=1e-4)
 
 
+def test_old_policy_pass_fills_clip_v_baseline_only_when_asked(policy_dir):
+    m = make_module(policy_dir, "sampler.temperature=0.7", "selector.name=clip_v")
+    batch = make_rollout(m)
+    assert batch.discriminator_baseline is None and batch.self_certainty is None  # not asked
+    m.forward_cfg.old_policy_pass(m.policy, batch, extras=frozenset({"discriminator_baseline"}))
+    assert batch.self_certainty is None
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = m.policy(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    p = torch.softmax(logits[:, P - 1 : P - 1 + T].double() / 0.7, -1)
+    h = -(p * p.log()).sum(-1)
+    n = (h * (p**2).sum(-1) + (p**2 * p.log()).sum(-1)) * batch.response_mask
+    assert torch.allclose(batch.discriminator_baseline.double(), n, atol=1e-5)
+    assert m.rollout_stage.needs == {"discriminator_baseline"}  # the rollout stage asks for it
+
+
 def test_kl_estimators_by_hand():
     lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     d = lp - ref  # [0.5, -1.0]

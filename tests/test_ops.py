@@ -9,6 +9,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_entropy import ops
 from lightning_entropy.ops import (
+    discriminator_baseline,
     logprobs_and_entropy,
     logprobs_and_entropy_from_hidden,
     naive_logprobs_and_entropy,
@@ -276,6 +277,31 @@ def test_self_certainty_uniform_is_log_v():
     # uniform p: KL(U || p) = 0, so c = logsumexp(z) - mean(z) = (log 9 + 2) - 2
     c, _ = self_certainty_and_token_logit(torch.full((1, 4, 9), 2.0), torch.zeros(1, 4, dtype=torch.long))
     assert torch.allclose(c, torch.full((1, 4), math.log(9)), atol=1e-6)
+
+
+# ---- Clip_V's vocabulary baseline --------------------------------------------------------------
+
+
+def test_discriminator_baseline_three_token_vocabulary_by_hand():
+    # p = (1/2, 1/4, 1/4): H = 1.5 ln 2, sum p^2 = 3/8, sum p^2 log p = -(1/4) ln 2 - 2 (1/16)(2 ln 2)
+    # = -(1/2) ln 2, so N = 1.5 ln 2 * 3/8 - 0.5 ln 2 = ln 2 / 16
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]])) + 3.0
+    h = torch.tensor([[1.5 * math.log(2)]])
+    assert discriminator_baseline(logits, h).item() == pytest.approx(math.log(2) / 16, abs=1e-7)
+    # uniform over V: N = H / V + V (1/V^2) log(1/V) = 0
+    assert discriminator_baseline(torch.zeros(1, 1, 5), torch.tensor([[math.log(5)]])).abs().item() < 1e-7
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_discriminator_baseline_matches_the_full_softmax(temperature):
+    logits, targets, _, _ = _case(v=30)
+    _, h = logprobs_and_entropy(logits, targets, temperature=temperature)
+    got = discriminator_baseline(logits, h, temperature=temperature, chunk_size=4)
+    p = torch.softmax(logits.double() / temperature, -1)
+    want = h.double() * (p**2).sum(-1) + (p**2 * p.log()).sum(-1)  # Trinity-RFT compute_N_from_logits
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    with pytest.raises(ValueError, match="entropy shape"):
+        discriminator_baseline(logits, h[:, :2])
 
 
 # ---- memory: no full fp32 [N, V] copy ----------------------------------------------------------

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class Component(ABC):
     registry_name: ClassVar[str] = ""
     # Optional RolloutBatch fields this component reads; the module fills them only when asked:
-    # "ref_logprobs", "self_certainty", "sampled_logits", "paired_rewards".
+    # "ref_logprobs", "self_certainty", "sampled_logits", "paired_rewards", "discriminator_baseline".
     requires: ClassVar[frozenset[str]] = frozenset()
     # Reads pi_old's log-probs or entropy before the update's first forward (at rollout time, in
     # ``prepare`` or in mini-batch selection). Only when no component does, an on-policy step skips

@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# RolloutBatch fields that only an advantage estimator fills (declared in its ``provides``).
+ESTIMATOR_FIELDS = frozenset({"global_advantages", "blend_weights"})
+
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -54,6 +57,10 @@ class RolloutBatch:
     paired_rewards: Tensor | None = None  # [B] reward of a second, index-paired sample (AAPO)
     # [B] an advantage fixed by a regularizer for the whole response (AEPO); NaN keeps the estimator's
     advantage_override: Tensor | None = None
+    # Written by an advantage estimator that lists them in ``provides`` (COPO), read by a loss that
+    # lists them in ``requires``: a second advantage and each response's weight on the first one.
+    global_advantages: Tensor | None = None  # [B, T]
+    blend_weights: Tensor | None = None  # [B] in [0, 1]: loss = w L(advantages) + (1 - w) L(global)
     info: list[dict[str, Any]] = field(default_factory=list)
     agg_norm: AggNorm | None = None
 

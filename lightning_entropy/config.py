@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_entropy.batch import AGG_MODES
+from lightning_entropy.batch import AGG_MODES, ESTIMATOR_FIELDS
 from lightning_entropy.registry import FAMILIES, RegistryError
 
 
@@ -317,6 +317,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         comps = {s: build_component(cfg, s) for s in COMPONENT_SECTIONS}
     except RegistryError as err:
         raise ConfigError(str(err)) from err
+    _check_estimator_fields(cfg, comps)
     agg = cfg.loss.get("agg", "token-mean")
     if agg not in AGG_MODES:
         raise ConfigError(f"loss.agg: '{agg}' is not one of {', '.join(AGG_MODES)}")
@@ -401,6 +402,21 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     return comps
 
 
+def _check_estimator_fields(cfg: DictConfig, comps: dict[str, Any]) -> None:
+    """A component reading a field only an advantage estimator writes needs an estimator that does."""
+    from lightning_entropy.registry import ADVANTAGES
+
+    provided = comps["advantage"].provides
+    for section, comp in comps.items():
+        missing = sorted((comp.requires & ESTIMATOR_FIELDS) - provided)
+        if missing:
+            able = [n for n in ADVANTAGES.names() if set(missing) <= ADVANTAGES.get(n).provides]
+            raise ConfigError(
+                f"{section}.name={cfg[section].name} reads {', '.join(missing)}, which advantage.name="
+                f"{cfg.advantage.name} does not provide; advantages that do: {', '.join(able) or 'none'}"
+            )
+
+
 # estimators whose baseline compares responses to the same prompt (degenerate with one per group)
 GROUP_BASELINES = {
     "grpo",
@@ -418,6 +434,7 @@ GROUP_BASELINES = {
     "riskpo",
     "aapo",
     "reinforce_pp_baseline",
+    "copo",
 }
 
 

@@ -121,3 +121,16 @@ def test_user_component_import_registers(tmp_path):
     from lightning_entropy.registry import ADVANTAGES
 
     ADVANTAGES._entries.pop("my_constant_test")
+
+
+def test_a_loss_reading_a_second_advantage_needs_an_estimator_that_writes_it(tmp_path, capsys):
+    # COPO's loss blends batch.global_advantages; only `advantage: copo` writes them. The CLI stops
+    # in one line before any model is built or any directory is written.
+    assert main(["fit", "loss.name=copo", f"logging.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: loss.name=copo reads blend_weights, global_advantages, which advantage.name=grpo "
+        "does not provide; advantages that do: copo"
+    )
+    assert not any(tmp_path.iterdir())
+    validate(load_config(None, ["loss.name=copo", "advantage.name=copo"]))

@@ -909,3 +909,101 @@ class HAPOTokenAdvantage(AdvantageEstimator):
             too_big |= (pad.abs() >= self.fallback) & (lengths < batch.response_mask.shape[1])
         fall = (group_sum(too_big.double(), batch.group_ids) > 0) | (tot == 0)
         return broadcast_to_tokens(torch.where(fall, grpo, adv), batch.response_mask)
+
+
+# ---- consistency-aware blends --------------------------------------------------------------------
+
+COPO_MODES = (
+    "soft-with-zero",
+    "only-soft",
+    "soft-with-forced",
+    "only-forced",
+    "only-zero",
+    "only-global",
+    "no-global",
+)
+
+
+def answer_entropy_bits(answers: list[str], group_ids: Tensor) -> Tensor:
+    """Per response, H_q = -sum_c p_c log2 p_c over the exact-string answer clusters of its group [B]."""
+    from collections import Counter
+
+    keys = group_ids.tolist()
+    out = torch.zeros(len(answers), dtype=torch.float64)
+    for g in dict.fromkeys(keys):
+        rows = [i for i, k in enumerate(keys) if k == g]
+        counts = torch.tensor(list(Counter(answers[i] for i in rows).values()), dtype=torch.float64)
+        p = counts / counts.sum()
+        out[rows] = float(-(p * torch.log2(p)).sum())
+    return out.to(group_ids.device)
+
+
+@register("advantage", "copo")
+class COPOAdvantage(AdvantageEstimator):
+    """COPO consistency-aware advantages, arXiv 2508.04138 (official hijih/copo-code
+    ``compute_grpo_outcome_advantage_with_global``); pair with ``loss: copo``.
+
+    Local: GRPO, A_loc = (r_i - mean_q r)/(std_q r + eps). Global: g_q = acc_q c_q (acc_q the group's
+    mean reward; c_q = 1 - lam H_q, lam = (1 - 1/n)/log2 n, with ``entropy_coef``, else 1), then
+    A_glob = (g_q - mean g)/(std g + eps) over every prompt of the step (all ranks; unbiased std; 0
+    when all g are equal or there is one prompt), the same for every response of q. H_q (bits) is
+    the entropy of q's exact-string answer clusters (the reward's ``extracted`` answer, "" if none).
+    Blend weight on the local loss w = sigmoid(k (H_q - b)), gated by ``mode``: soft-with-zero
+    (w 1[r_i != 0], the script's), only-soft, soft-with-forced (w 1[A_loc != 0]), only-forced,
+    only-zero, only-global (w = 0), no-global (w = 1). Defaults: run_copo.sh (k 5, b 1,
+    entropy_coef false); the function defaults are k 1, b 0.5.
+    """
+
+    provides = frozenset({"global_advantages", "blend_weights"})
+    needs_old_pass = False
+
+    def __init__(
+        self,
+        *,
+        k: float = 5.0,
+        b: float = 1.0,
+        mode: str = "soft-with-zero",
+        entropy_coef: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        if mode not in COPO_MODES:
+            raise ValueError(f"mode must be one of {', '.join(COPO_MODES)}, got {mode!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.k, self.b, self.mode, self.entropy_coef, self.eps = float(k), float(b), mode, entropy_coef, eps
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        r = batch.rewards.double()
+        mean, std = group_mean_std(r, batch.group_ids)
+        local = (r - mean) / (std + self.eps)
+        answers = [i.get("extracted") or "" for i in (batch.info or [{}] * batch.size)]
+        h = answer_entropy_bits(answers, batch.group_ids)
+        n = group_count(batch.group_ids, dtype=torch.float64)
+        g = group_sum(r, batch.group_ids) / n
+        if self.entropy_coef:
+            lam = torch.where(n > 1, (1 - 1 / n) / torch.log2(n.clamp_min(2)), torch.zeros_like(n))
+            g = g * (1 - lam * h)
+        # one value per prompt: the first response of each group on this rank, then every rank's
+        gidx, n_groups = group_index(batch.group_ids)
+        first = torch.full((n_groups,), r.numel(), device=r.device).scatter_reduce(
+            0, gidx, torch.arange(r.numel(), device=r.device), "amin"
+        )
+        g_all = all_gather_cat(g[first])
+        if g_all.numel() > 1 and bool((g_all != g_all[0]).any()):
+            glob = (g - g_all.mean()) / (g_all.std() + self.eps)
+        else:
+            glob = torch.zeros_like(g)
+        w = torch.sigmoid(self.k * (h - self.b))
+        gate = {
+            "soft-with-zero": w * (r != 0),
+            "only-soft": w,
+            "soft-with-forced": w * (local != 0),
+            "only-forced": (local != 0).double(),
+            "only-zero": (r != 0).double(),
+            "only-global": torch.zeros_like(w),
+            "no-global": torch.ones_like(w),
+        }[self.mode]
+        batch.global_advantages = broadcast_to_tokens(glob, batch.response_mask)
+        batch.blend_weights = gate.float()
+        self.metrics.update(answer_entropy=h.float(), blend_weight=gate.float(), global_adv=glob.float())
+        return broadcast_to_tokens(local, batch.response_mask)

@@ -70,6 +70,10 @@ class Reward(Component):
 
 
 class AdvantageEstimator(Component):
+    # RolloutBatch fields of ``batch.ESTIMATOR_FIELDS`` this estimator writes during its call, besides
+    # the advantages it returns (COPO: a global advantage and blend weights for its loss).
+    provides: ClassVar[frozenset[str]] = frozenset()
+
     @abstractmethod
     def __call__(self, batch: RolloutBatch) -> Tensor: ...
 

@@ -231,6 +231,48 @@ class PPOLoss(PolicyLoss):
         return clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.clip_c)
 
 
+@register("loss", "copo")
+class COPOLoss(PolicyLoss):
+    """COPO blended loss, arXiv 2508.04138 (official ``compute_policy_loss_with_global``): per token
+    L = w_i L_ppo(A_loc) + (1 - w_i) g L_ppo(A_glob), both the dual-clip PPO loss with the same ratio
+    and clip range, A_loc = ``batch.advantages``, A_glob = ``batch.global_advantages`` and w_i =
+    ``batch.blend_weights`` from ``advantage: copo``. g = ``global_coef`` (the code's
+    ``global_loss_coef``, used by its only-soft-with-coef mode; 1 otherwise). Defaults: run_copo.sh
+    eps 0.2/0.2; clip_c is not set there, so verl's 3.0. The script aggregates seq-mean-token-mean.
+    """
+
+    requires = frozenset({"global_advantages", "blend_weights"})
+
+    def __init__(
+        self,
+        *,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        clip_c: float | None = 3.0,
+        global_coef: float = 1.0,
+        log_ratio_clamp: float | None = 20.0,
+    ) -> None:
+        check_clip(eps_low, eps_high, clip_c)
+        if global_coef < 0:
+            raise ValueError(f"global_coef must be >= 0, got {global_coef!r}")
+        self.eps_low, self.eps_high, self.clip_c, self.global_coef = eps_low, eps_high, clip_c, global_coef
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
+
+    def __call__(
+        self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        if batch.global_advantages is None or batch.blend_weights is None:
+            raise ValueError(
+                "loss 'copo' reads batch.global_advantages / blend_weights: use advantage 'copo'"
+            )
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
+        local, stats = clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.clip_c)
+        glob, _ = clipped_surrogate(ratio, batch.global_advantages, self.eps_low, self.eps_high, self.clip_c)
+        w = batch.blend_weights.to(local.dtype)[:, None]
+        stats["local_weight"] = w.expand_as(local)
+        return w * local + (1 - w) * self.global_coef * glob, stats
+
+
 @register("loss", "clip_cov")
 class ClipCovLoss(_ScopedLoss):
     """Clip-Cov, arXiv 2505.22617 (official ``compute_policy_loss_clip_cov``).

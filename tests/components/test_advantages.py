@@ -94,13 +94,12 @@ def random_batch(seed: int = 0, n_groups: int = 5, group_size: int = 4, T: int =
 
 EXPECTED = {
     "qae", "canon", "gtpo", "grpo_s", "entropy_adv", "mapo", "aapo", "ucas", "egsw", "riskpo",
-    "passk", "opo", "reinforce_pp_baseline", "hapo_token",
+    "passk", "opo", "reinforce_pp_baseline", "hapo_token", "copo",
 }  # fmt: skip
 
 
-def test_catalog_registered_and_copo_absent() -> None:
+def test_catalog_registered() -> None:
     assert EXPECTED <= set(ADVANTAGES.names())
-    assert "copo" not in ADVANTAGES.names()  # abstract-only: no formula, not registered
 
 
 @pytest.mark.parametrize("name", ADVANTAGES.names())
@@ -113,6 +112,11 @@ def test_every_estimator_runs_with_defaults(name: str) -> None:
     assert (adv[batch.response_mask == 0] == 0).all()
     for key in est.requires:
         assert key in {"ref_logprobs", "self_certainty", "sampled_logits", "paired_rewards"}
+    for key in est.provides:  # extra fields the estimator writes: finite, zero on padding
+        value = getattr(batch, key)
+        assert value.shape[0] == batch.size and torch.isfinite(value).all()
+        if value.dim() == 2:
+            assert (value[batch.response_mask == 0] == 0).all()
     # a second call (stateful estimators move on) stays well-formed
     assert torch.isfinite(est(batch)).all()
 
@@ -810,3 +814,89 @@ def test_hapo_token_code_padding_quirk() -> None:
     empty = make_batch([0.95, 0.9, 0.9], [0, 0, 0], lengths=[0, 4, 4])
     assert build("hapo_token")(empty)[1, 0].item() == 0.0  # mu = 0.9 over the tokens: no fallback
     assert build("hapo_token", code_padding_quirk=True)(empty)[1, 0].item() < 0  # GRPO: 0.9 < mean
+
+
+# ---- COPO (arXiv 2508.04138, METHODS §8.1) -------------------------------------------------------
+
+
+def copo_batch(rewards: list[float], groups: list[int], answers: list[str | None]) -> RolloutBatch:
+    batch = make_batch(rewards, groups, lengths=[3] * len(rewards), T=4)
+    batch.info = [{"extracted": a} for a in answers]
+    return batch
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_copo_local_global_and_blend_by_hand() -> None:
+    # prompt 0: rewards 1,1,0,0, answers 5,5,7,8 -> clusters (2,1,1): H = 0.5*1 + 2*0.25*2 = 1.5 bits,
+    #   acc 0.5, A_loc = +-0.5/sqrt(1/3) = +-0.866025 (unbiased std)
+    # prompt 1: four 0.9 rewards (non-dyadic, all equal), one answer: H = 0, acc 0.9, A_loc = 0 exactly
+    # global over the 2 prompts: g = (0.5, 0.9), mean 0.7, unbiased std sqrt(0.08): A_glob = -+1/sqrt(2)
+    # w_q = sigmoid(5 (H - 1)): sigmoid(2.5) = 0.924142, sigmoid(-5) = 0.006693; soft-with-zero zeroes
+    # the w of the r = 0 responses (they train on the global loss only)
+    batch = copo_batch([1, 1, 0, 0, 0.9, 0.9, 0.9, 0.9], [0] * 4 + [1] * 4, ["5", "5", "7", "8"] + ["3"] * 4)
+    est = build("copo")
+    adv = est(batch)
+    a = 0.5 / math.sqrt(1 / 3)
+    assert torch.allclose(seq(adv), torch.tensor([a, a, -a, -a, 0, 0, 0, 0]), atol=ATOL)
+    assert torch.equal(adv[4:], torch.zeros(4, 4))  # exactly 0 for the all-0.9 group
+    r2 = 1 / math.sqrt(2)
+    assert torch.allclose(seq(batch.global_advantages), torch.tensor([-r2] * 4 + [r2] * 4), atol=ATOL)
+    assert (batch.global_advantages[:, 3] == 0).all()  # padding
+    w0, w1 = sigmoid(2.5), sigmoid(-5.0)
+    assert torch.allclose(batch.blend_weights, torch.tensor([w0, w0, 0, 0, w1, w1, w1, w1]), atol=1e-6)
+    assert est.metrics["answer_entropy"].tolist() == [1.5] * 4 + [0.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("only-soft", lambda w0, w1: [w0] * 4 + [w1] * 4),
+        ("soft-with-forced", lambda w0, w1: [w0] * 4 + [0] * 4),  # A_loc = 0 in the all-0.9 group
+        ("only-forced", lambda w0, w1: [1] * 4 + [0] * 4),
+        ("only-zero", lambda w0, w1: [1, 1, 0, 0, 1, 1, 1, 1]),
+        ("only-global", lambda w0, w1: [0] * 8),
+        ("no-global", lambda w0, w1: [1] * 8),
+    ],
+)
+def test_copo_modes(mode, expected) -> None:
+    batch = copo_batch([1, 1, 0, 0, 0.9, 0.9, 0.9, 0.9], [0] * 4 + [1] * 4, ["5", "5", "7", "8"] + ["3"] * 4)
+    build("copo", mode=mode)(batch)
+    want = torch.tensor(expected(sigmoid(2.5), sigmoid(-5.0)), dtype=torch.float32)
+    assert torch.allclose(batch.blend_weights, want, atol=1e-6)
+
+
+def test_copo_entropy_coefficient_and_missing_answers() -> None:
+    # entropy_coef: c_q = 1 - lam H_q with lam = (1 - 1/n)/log2 n. Prompt 0 (n = 4, H = 1.5):
+    # lam = 0.75/2 = 0.375, c = 0.4375, g = 0.5 * 0.4375 = 0.21875. Prompt 1 (H = 0): g = 0.9.
+    # Prompt 2: two empty answers (one "" cluster, H = 0), rewards 0: g = 0.
+    batch = copo_batch(
+        [1, 1, 0, 0, 0.9, 0.9, 0.9, 0.9, 0, 0],
+        [0] * 4 + [1] * 4 + [2] * 2,
+        ["5", "5", "7", "8"] + ["3"] * 4 + [None, None],
+    )
+    build("copo", entropy_coef=True)(batch)
+    g = [0.21875, 0.9, 0.0]
+    m = sum(g) / 3
+    s = math.sqrt(sum((x - m) ** 2 for x in g) / 2)
+    want = [(x - m) / (s + 1e-6) for x in g]
+    assert torch.allclose(
+        seq(batch.global_advantages), torch.tensor([want[0]] * 4 + [want[1]] * 4 + [want[2]] * 2)
+    )
+    assert batch.blend_weights[8:].tolist() == [0.0, 0.0]  # r = 0: global only
+
+
+def test_copo_all_prompts_at_one_accuracy_and_single_prompt_give_zero_global() -> None:
+    same = copo_batch([1, 0, 0, 1], [0, 0, 1, 1], ["1", "2", "1", "1"])  # acc 0.5 and 0.5: std 0
+    build("copo")(same)
+    assert torch.equal(same.global_advantages, torch.zeros(4, 4))
+    one = copo_batch([1, 0], [0, 0], ["1", "2"])
+    build("copo")(one)
+    assert torch.equal(one.global_advantages, torch.zeros(2, 4))
+    # an all-correct group: H = 0, w = sigmoid(-5) ~ 0.0067, A_loc = 0: almost purely global
+    allc = copo_batch([1, 1, 0, 1], [0, 0, 1, 1], ["4", "4", "x", "4"])
+    adv = build("copo")(allc)
+    assert torch.equal(adv[:2], torch.zeros(2, 4))
+    assert allc.blend_weights[:2].tolist() == pytest.approx([sigmoid(-5.0)] * 2)

@@ -17,6 +17,7 @@ from lightning_entropy.components.losses import (
     CEGPPOLoss,
     CISPOLoss,
     ClipCovLoss,
+    COPOLoss,
     EntroPICLoss,
     ERCLoss,
     GSPOLoss,
@@ -70,6 +71,9 @@ def random_batch(B: int = 8, T: int = 6, seed: int = 0) -> tuple[RolloutBatch, t
     batch = make_batch(adv, old, lengths, ent)
     cur = old + 0.3 * torch.randn(B, T, generator=g)
     ent_cur = ent * (1 + 0.3 * torch.randn(B, T, generator=g)).clamp_min(0.1)
+    # COPO's second advantage and blend weights (advantage: copo fills them in a run)
+    batch.global_advantages = torch.randn(B, 1, generator=g).expand(B, T) * batch.response_mask
+    batch.blend_weights = torch.rand(B, generator=g)
     return batch, cur, ent_cur
 
 
@@ -484,6 +488,7 @@ def test_every_loss_runs_with_defaults(name):
 def test_all_advantages_zero_gives_no_policy_gradient(name):
     batch, cur, ent_cur = random_batch(seed=4)
     batch.advantages = torch.zeros_like(batch.advantages)
+    batch.global_advantages = torch.zeros_like(batch.advantages)
     total, grad, _ = run(LOSSES.build(name), cur, batch, ent_cur)
     if name != "kl_cov":
         assert total.item() == 0 and torch.all(grad == 0)
@@ -690,3 +695,33 @@ def test_entropic_controller_entropy_keeps_float64():
     fn.prepare(batch)
     fn(torch.zeros(1, 2, dtype=torch.float64), batch, batch.entropy)
     assert fn.alpha == pytest.approx(1e-9, rel=1e-6)  # float32 entropy gives 1.49e-9
+
+
+# --------------------------------------------------------------------------------------------
+# COPO (arXiv 2508.04138): w L_ppo(A_loc) + (1 - w) L_ppo(A_glob)
+
+
+def test_copo_blend_by_hand_and_gradient():
+    # r = 1.5 everywhere (old log p = 0, current log 1.5), eps 0.2, clip_c 3.
+    # A_loc = 1: max(-1.5, -1.2) = -1.2, clipped (no gradient). A_glob = -0.5: max(0.75, 0.6) = 0.75,
+    # below the dual bound 1.5, gradient -A r = 0.75. w = 0.25: L = 0.25 (-1.2) + 0.75 (0.75) = 0.2625,
+    # dL/dlog pi = 0.75 * 0.75 = 0.5625. Row 1 (w = 1) is plain PPO: A_loc = -2 -> 3.0, gradient 3.0.
+    batch = make_batch([[1.0, 1.0], [-2.0, -2.0]], [[0.0, 0.0], [0.0, 0.0]], lengths=[2, 1])
+    batch.global_advantages = torch.tensor([[-0.5, -0.5], [7.0, 0.0]])
+    batch.blend_weights = torch.tensor([0.25, 1.0])
+    cur = torch.full((2, 2), math.log(1.5))
+    loss, grad, stats = per_token_grad(COPOLoss(), cur, batch)
+    assert torch.allclose(loss[0], torch.tensor([0.2625, 0.2625]), atol=1e-6)
+    assert torch.allclose(grad[0], torch.tensor([0.5625, 0.5625]), atol=1e-6)
+    assert loss[1, 0].item() == pytest.approx(3.0) and grad[1, 0].item() == pytest.approx(3.0)
+    ppo, _, _ = per_token_grad(PPOLoss(), cur, batch)
+    assert torch.equal(loss[1], ppo[1])
+    # global_coef scales the global part only: 0.25 (-1.2) + 0.75 * 2 * 0.75 = 0.825
+    loss2, _, _ = per_token_grad(COPOLoss(global_coef=2.0), cur, batch)
+    assert loss2[0, 0].item() == pytest.approx(0.825)
+
+
+def test_copo_loss_without_copo_advantages_says_so():
+    batch = make_batch([[1.0]], [[0.0]])
+    with pytest.raises(ValueError, match="advantage 'copo'"):
+        COPOLoss()(torch.zeros(1, 1), batch, batch.entropy)

@@ -60,6 +60,11 @@ class RolloutBatch:
     # Written by an advantage estimator that lists them in ``provides`` (COPO), read by a loss that
     # lists them in ``requires``: a second advantage and each response's weight on the first one.
     global_advantages: Tensor | None = None  # [B, T]
+    # A loss that trains under transformed logits z' = s z (ERA): log pi_old at each of its
+    # ``logit_scales`` [B, T, S] from the old-policy pass, and the per-token s it fixes after the
+    # advantages (``PolicyLoss.prepare_rollout``), which the update's forward then applies.
+    scaled_old_logprobs: Tensor | None = None
+    logit_scale: Tensor | None = None  # [B, T]
     blend_weights: Tensor | None = None  # [B] in [0, 1]: loss = w L(advantages) + (1 - w) L(global)
     info: list[dict[str, Any]] = field(default_factory=list)
     agg_norm: AggNorm | None = None

@@ -49,7 +49,9 @@ class PolicyForward:
     def logprobs_entropy(
         self, model: torch.nn.Module, b: RolloutBatch, entropy_grad: bool = False, keep_logits: bool = False
     ) -> tuple[Tensor | None, Tensor, Tensor]:
-        """(logits or None, log p of the response tokens [B, T], entropy [B, T]) at the temperature."""
+        """(logits or None, log p of the response tokens [B, T], entropy [B, T]) at the temperature;
+        under ``b.logit_scale`` s (z' = s z) where a loss set one, i.e. at temperature T / s."""
+        temperature = self.temperature if b.logit_scale is None else self.temperature / b.logit_scale
         if self.from_hidden and not keep_logits:
             hidden = model.get_decoder()(**model_inputs(b)).last_hidden_state
             hidden = hidden.index_select(1, _response_positions(b))
@@ -59,14 +61,14 @@ class PolicyForward:
                 head.weight,
                 b.response_ids,
                 lm_head_bias=head.bias,
-                temperature=self.temperature,
+                temperature=temperature,
                 chunk_size=self.chunk_size,
                 entropy_grad=entropy_grad,
             )
             return None, lp, ent
         logits = self.logits(model, b)
         lp, ent = ops.logprobs_and_entropy(
-            logits, b.response_ids, temperature=self.temperature, chunk_size=self.chunk_size,
+            logits, b.response_ids, temperature=temperature, chunk_size=self.chunk_size,
             entropy_grad=entropy_grad,
         )
         return (logits if keep_logits else None), lp, ent
@@ -82,10 +84,11 @@ class PolicyForward:
         ref_policy: torch.nn.Module | None = None,
         extras: bool | frozenset[str] = False,
         policy_stats: bool = True,
+        logit_scales: tuple[float, ...] = (),
     ) -> None:
         """Fill log pi_old and its entropy (``policy_stats``), the reference log-probs (``ref_policy``)
         and the ``extras`` (names of OLD_PASS_EXTRAS; True: the UCAS ones) for every response token,
-        in eval mode."""
+        in eval mode; with ``logit_scales``, log pi_old under z' = s z for each s as well."""
         extras = UCAS_EXTRAS if extras is True else frozenset(extras or ())
         was = policy.training
         policy.eval()
@@ -104,6 +107,18 @@ class PolicyForward:
                     )
                     cols.setdefault("self_certainty", []).append(c)
                     cols.setdefault("sampled_logits", []).append(z)
+                if logit_scales:  # ERA: the same logits at temperature T / s
+                    scaled = [
+                        ops.logprobs_and_entropy(
+                            logits,
+                            mb.response_ids,
+                            temperature=self.temperature / s,
+                            chunk_size=self.chunk_size,
+                            compute_entropy=False,
+                        )[0]
+                        for s in logit_scales
+                    ]
+                    cols.setdefault("scaled_old_logprobs", []).append(torch.stack(scaled, -1))
                 if "discriminator_baseline" in extras:  # Clip_V
                     n = ops.discriminator_baseline(
                         logits, ent, temperature=self.temperature, chunk_size=self.chunk_size
@@ -119,4 +134,5 @@ class PolicyForward:
         policy.train(was)
         mask = batch.response_mask.float()
         for name, parts in cols.items():
-            setattr(batch, name, torch.cat(parts) * mask)
+            x = torch.cat(parts)
+            setattr(batch, name, x * (mask if x.dim() == 2 else mask[..., None]))

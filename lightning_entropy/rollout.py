@@ -135,6 +135,7 @@ class RolloutStage:
                 ref_policy=ref_policy if self.uses_ref else None,
                 extras=frozenset(self.needs & OLD_PASS_EXTRAS),
                 policy_stats=not self.skip_old_pass,
+                logit_scales=self.c["loss"].logit_scales,
             )
         reward = self.c["reward"]
         if reward.needs_policy_stats:
@@ -151,6 +152,7 @@ class RolloutStage:
             fixed = ~torch.isnan(o)
             adv = torch.where(fixed[:, None], o[:, None] * batch.response_mask, adv)
         batch.advantages = adv
+        self.c["loss"].prepare_rollout(batch)
         return batch
 
 

@@ -114,6 +114,51 @@ def test_old_policy_pass_fills_clip_v_baseline_only_when_asked(policy_dir):
     assert m.rollout_stage.needs == {"discriminator_baseline"}  # the rollout stage asks for it
 
 
+def test_era_old_pass_and_update_forward_share_the_logit_transform(policy_dir):
+    """Through the real rollout stage: pi_old under z' = s z (s = k on A > 0 tokens of sharpened
+    responses) equals the update's forward under the same transform, and both are log_softmax(s z / T)."""
+    from types import SimpleNamespace
+
+    from lightning_entropy.metrics import PhaseTimer
+
+    # omega_low above any entropy: every response is "low entropy", so every A > 0 token is sharpened
+    m = make_module(
+        policy_dir, "sampler.temperature=0.7", "loss.name=era", "loss.omega_low=50.0", "loss.omega_high=60.0"
+    )
+    torch.manual_seed(0)
+    examples = [SimpleNamespace(prompt=p, answer=a) for p, a in (("12+34=r", "64"), ("5+77=r", "28"))]
+    examples *= 2
+    batch = m.rollout_stage(m.policy, None, examples, 0, PhaseTimer())
+    assert batch.logit_scale is not None and batch.scaled_old_logprobs.shape == (
+        *batch.response_mask.shape,
+        2,
+    )
+    # the same rollout with advantages of both signs (the tiny policy's rewards may all be equal)
+    m.forward_cfg.old_policy_pass(m.policy, batch, logit_scales=m.components["loss"].logit_scales)
+    plain = batch.old_logprobs.clone()
+    batch.advantages = (
+        torch.where(torch.arange(batch.size)[:, None] % 2 == 0, 1.0, -1.0) * batch.response_mask
+    )
+    m.components["loss"].prepare_rollout(batch)
+    pos = (batch.advantages > 0) & batch.response_mask.bool()
+    assert torch.equal(batch.logit_scale, torch.where(pos, 2.0, 1.0)) and pos.any()
+    with torch.no_grad():
+        m.policy.eval()
+        _, cur, _ = m.forward_cfg.logprobs_entropy(m.policy, batch)
+    assert torch.allclose(cur * batch.response_mask, batch.old_logprobs, atol=1e-5)  # ratio 1
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
+    with torch.no_grad():
+        logits = m.policy(
+            input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0)
+        ).logits
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    z = logits[:, P - 1 : P - 1 + T] * batch.logit_scale[..., None] / 0.7
+    ref = torch.log_softmax(z, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    assert torch.allclose(batch.old_logprobs, ref * batch.response_mask, atol=1e-5)
+    assert not torch.allclose(batch.old_logprobs[pos], plain[pos], atol=1e-3)  # the transform bites
+
+
 def test_kl_estimators_by_hand():
     lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     d = lp - ref  # [0.5, -1.0]

@@ -90,6 +90,28 @@ def test_matches_naive(dtype, temperature, chunk_size, entropy_grad):
     assert torch.allclose(grad.float(), grad0.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_per_token_temperature_matches_naive(chunk_size, entropy_grad):
+    # ERA's z' = s z at one token is temperature T / s there: one temperature per position
+    logits, targets, g_lp, g_h = _case()
+    temps = torch.tensor([0.5, 1.0, 2.0])[torch.arange(targets.numel()) % 3].view(targets.shape)
+    kw = {"temperature": temps}
+    lp, h, grad = _grads(
+        logprobs_and_entropy, logits, targets, g_lp, g_h, entropy_grad, chunk_size=chunk_size, **kw
+    )
+    lp0, h0, grad0 = _grads(naive_logprobs_and_entropy, logits, targets, g_lp, g_h, entropy_grad, **kw)
+    assert torch.allclose(lp, lp0, atol=1e-5) and torch.allclose(h, h0, atol=1e-5)
+    assert torch.allclose(grad, grad0, atol=1e-5)
+    # a constant tensor is the float temperature
+    same, _ = logprobs_and_entropy(logits, targets, temperature=torch.full(targets.shape, 0.7))
+    assert torch.allclose(same, logprobs_and_entropy(logits, targets, temperature=0.7)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="per-token temperature shape"):
+        logprobs_and_entropy(logits, targets, temperature=temps[:, :1])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        logprobs_and_entropy(logits, targets, temperature=temps * 0)
+
+
 def test_matches_float64_reference():
     logits, targets, _, _ = _case(v=50)
     z = logits.double() / 0.8
@@ -236,6 +258,17 @@ def test_hidden_matches_naive(dtype, bias, entropy_grad):
         scale = g0.float().abs().max().item()
         tol = 1e-5 if dtype == torch.float32 else 2e-2 * scale
         assert (g.float() - g0.float()).abs().max() <= tol
+
+
+def test_hidden_per_token_temperature_matches_naive():
+    hidden, weight, b_, targets, g_lp, g_h = _hidden_case(torch.float32, True)
+    temps = torch.tensor([0.5, 2.0])[torch.arange(targets.numel()) % 2].view(targets.shape)
+    kw = {"temperature": temps, "chunk_size": 4}
+    lp, h, grads = _hidden_grads(True, hidden, weight, b_, targets, g_lp, g_h, True, **kw)
+    lp0, h0, grads0 = _hidden_grads(False, hidden, weight, b_, targets, g_lp, g_h, True, **kw)
+    assert torch.allclose(lp, lp0, atol=1e-5) and torch.allclose(h, h0, atol=1e-5)
+    for g, g0 in zip(grads, grads0):
+        assert torch.allclose(g, g0, atol=1e-5)
 
 
 def test_hidden_chunk_larger_than_rows_and_frozen_head():

@@ -98,6 +98,13 @@ class PolicyLoss(Component):
     ratio_dependent: ClassVar[bool] = True
     # Force an aggregation mode (GSPO: seq-mean-token-mean); None keeps ``loss.agg``.
     agg_override: ClassVar[str | None] = None
+    # Logit multipliers s (z' = s z) at which the old-policy pass also computes log pi_old
+    # (``batch.scaled_old_logprobs``), for a loss that picks one per token in ``prepare_rollout``.
+    logit_scales: ClassVar[tuple[float, ...]] = ()
+
+    def prepare_rollout(self, batch: RolloutBatch) -> None:
+        """Called once per rollout after the advantages, before any update. A loss that trains
+        under transformed logits sets ``batch.logit_scale`` (and pi_old under it) here."""
 
     def prepare(self, batch: RolloutBatch) -> None:
         """Mini-batch-scope statistics, computed once before the micro-batch loop."""

@@ -273,6 +273,91 @@ class COPOLoss(PolicyLoss):
         return w * local + (1 - w) * self.global_coef * glob, stats
 
 
+def top_fraction_mean(values: Tensor, mask: Tensor, fraction: float) -> Tensor:
+    """Per row, the mean of its k = max(1, floor(fraction L)) largest valid values (L valid tokens;
+    0 for an empty row) [B]."""
+    lengths = mask.sum(-1)
+    k = torch.floor(lengths.double() * fraction + 1e-9).long().clamp_min(1)
+    ordered = torch.sort(torch.where(mask.bool(), promoted(values), -math.inf), -1, descending=True).values
+    ordered = torch.where(torch.isfinite(ordered), ordered, torch.zeros_like(ordered))
+    top = ordered.cumsum(-1).gather(-1, (k - 1).clamp(max=values.shape[-1] - 1)[:, None]).squeeze(-1)
+    return torch.where(lengths > 0, top / k, torch.zeros_like(top))
+
+
+@register("loss", "era")
+class ERALoss(PolicyLoss):
+    """ERA, Entropy Regularizing Activation (LLM variant), arXiv 2510.08549 (official
+    nothingbutbut/era ``dp_actor``): on tokens with A_t > 0 the logits become z' = k z when the
+    response entropy H_resp < omega_low and z / k when H_resp > omega_high (else z), in the
+    old-policy pass and the training pass alike, so the ratio compares like with like; then dual-clip
+    PPO. H_resp = mean of the max(1, floor(0.2 L)) largest token entropies of the response.
+
+    Defaults: ``era_k`` 2, omega 0.45 / 3.0, eps 1.0 / 1.0 (ratio in [0, 2]) and clip_c 10 from
+    qwen_7b_era_topk.sh. ``adv_scale`` (qwen_7b_era_topk_scale.sh, the project page) also sets
+    A' = A / k in the low case and k A in the high case. H_resp comes from the old-policy pass (the
+    official code takes it in each pass; identical at the first update of a rollout). The scripts'
+    top-20 renormalised log-prob trick is not implemented.
+    """
+
+    ratio_dependent = False  # the transformed log-probs change the gradient even at r = 1
+    needs_old_pass = True  # pi_old under the transform, and H_resp, before the first forward
+
+    def __init__(
+        self,
+        *,
+        era_k: float = 2.0,
+        omega_low: float = 0.45,
+        omega_high: float = 3.0,
+        top_fraction: float = 0.2,
+        adv_scale: bool = False,
+        eps_low: float = 1.0,
+        eps_high: float = 1.0,
+        clip_c: float | None = 10.0,
+        log_ratio_clamp: float | None = 20.0,
+    ) -> None:
+        if not era_k > 1:
+            raise ValueError(f"era_k must be > 1, got {era_k!r}")
+        if not 0 <= omega_low <= omega_high:
+            raise ValueError(f"need 0 <= omega_low <= omega_high, got {omega_low!r}, {omega_high!r}")
+        if not 0 < top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
+        check_clip(eps_low, eps_high, clip_c)
+        self.era_k, self.omega_low, self.omega_high = float(era_k), omega_low, omega_high
+        self.top_fraction, self.adv_scale = top_fraction, adv_scale
+        self.eps_low, self.eps_high, self.clip_c = eps_low, eps_high, clip_c
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
+        self.logit_scales = (self.era_k, 1.0 / self.era_k)
+
+    def prepare_rollout(self, batch: RolloutBatch) -> None:
+        mask = batch.response_mask.bool()
+        h = top_fraction_mean(batch.entropy, batch.response_mask, self.top_fraction)
+        k = self.era_k
+        row = torch.where(h < self.omega_low, k, torch.where(h > self.omega_high, 1 / k, 1.0))
+        scale = torch.where(mask & (batch.advantages > 0), row[:, None], torch.ones_like(batch.advantages))
+        lp = batch.scaled_old_logprobs  # at z' = k z and z / k
+        if lp is None:
+            raise ValueError("loss 'era' needs batch.scaled_old_logprobs from the old-policy pass")
+        batch.old_logprobs = torch.where(
+            scale == k, lp[..., 0], torch.where(scale == 1 / k, lp[..., 1], batch.old_logprobs)
+        )
+        batch.logit_scale = scale.to(torch.float32)
+        sharpened, flattened = (scale > 1).float(), (scale < 1).float()
+        self.metrics.update(response_entropy=h.float(), sharpened_frac=sharpened, flattened_frac=flattened)
+
+    def __call__(
+        self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        if batch.logit_scale is None:
+            raise ValueError(
+                "loss 'era' needs batch.logit_scale: call prepare_rollout(batch) after the advantages"
+            )
+        adv = batch.advantages / batch.logit_scale if self.adv_scale else batch.advantages
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
+        loss, stats = clipped_surrogate(ratio, adv, self.eps_low, self.eps_high, self.clip_c)
+        stats["logit_scale"] = batch.logit_scale
+        return loss, stats
+
+
 @register("loss", "clip_cov")
 class ClipCovLoss(_ScopedLoss):
     """Clip-Cov, arXiv 2505.22617 (official ``compute_policy_loss_clip_cov``).

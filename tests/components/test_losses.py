@@ -19,12 +19,15 @@ from lightning_entropy.components.losses import (
     ClipCovLoss,
     COPOLoss,
     EntroPICLoss,
+    ERALoss,
     ERCLoss,
     GSPOLoss,
     HAPOClipLoss,
     KLCovLoss,
     PPOLoss,
+    top_fraction_mean,
 )
+from lightning_entropy.ops import logprobs_and_entropy
 from lightning_entropy.registry import LOSSES
 from tests._dist import run_two_ranks
 
@@ -74,6 +77,10 @@ def random_batch(B: int = 8, T: int = 6, seed: int = 0) -> tuple[RolloutBatch, t
     # COPO's second advantage and blend weights (advantage: copo fills them in a run)
     batch.global_advantages = torch.randn(B, 1, generator=g).expand(B, T) * batch.response_mask
     batch.blend_weights = torch.rand(B, generator=g)
+    # ERA's transform, as prepare_rollout fixes it once per rollout
+    batch.logit_scale = torch.where(batch.advantages > 0, 2.0, 1.0) * batch.response_mask + (
+        1 - batch.response_mask
+    )
     return batch, cur, ent_cur
 
 
@@ -725,3 +732,77 @@ def test_copo_loss_without_copo_advantages_says_so():
     batch = make_batch([[1.0]], [[0.0]])
     with pytest.raises(ValueError, match="advantage 'copo'"):
         COPOLoss()(torch.zeros(1, 1), batch, batch.entropy)
+
+
+# --------------------------------------------------------------------------------------------
+# ERA (arXiv 2510.08549): z' = k z / z / k on A > 0 tokens by response entropy, old pass included
+
+
+def test_era_scaled_logits_on_a_three_token_vocabulary_by_hand():
+    # p = (1/2, 1/4, 1/4). k z: p' ~ (1/4, 1/16, 1/16) = (2/3, 1/6, 1/6); z / k: p' ~ (sqrt(1/2), 1/2, 1/2)
+    z = torch.log(torch.tensor([0.5, 0.25, 0.25])).expand(1, 3, 3).contiguous()
+    tgt = torch.zeros(1, 3, dtype=torch.long)
+    lp, h = logprobs_and_entropy(z, tgt, temperature=1 / torch.tensor([[2.0, 0.5, 1.0]]))
+    sharp = [2 / 3, 1 / 6, 1 / 6]
+    flat = [x / (math.sqrt(0.5) + 1.0) for x in (math.sqrt(0.5), 0.5, 0.5)]
+    ent = lambda p: -sum(x * math.log(x) for x in p)  # noqa: E731
+    assert lp[0].tolist() == pytest.approx([math.log(2 / 3), math.log(flat[0]), math.log(0.5)], abs=1e-6)
+    assert h[0].tolist() == pytest.approx([ent(sharp), ent(flat), 1.5 * math.log(2)], abs=1e-6)
+
+
+def test_era_response_entropy_is_the_mean_of_the_top_fifth():
+    ent = torch.tensor(
+        [[3.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 2.0], [1.0, 0.2, 0.5, 9.0] + [9.0] * 6, [9.0] * 10]
+    )
+    mask = (torch.arange(10)[None] < torch.tensor([[10], [3], [0]])).long()
+    # L = 10: k = 2 -> (3 + 2)/2; L = 3: k = max(1, floor(0.6)) = 1 -> 1.0; empty row -> 0
+    assert top_fraction_mean(ent, mask, 0.2).tolist() == [2.5, 1.0, 0.0]
+
+
+def era_batch() -> RolloutBatch:
+    # row 0: H_resp 0.2 < 0.45 (sharpen), row 1: H_resp 4 > 3 (flatten), row 2: 1.0 (unchanged)
+    adv = [[1.0, -1.0], [2.0, 2.0], [1.0, 1.0]]
+    batch = make_batch(
+        adv, [[-1.0, -1.0], [-2.0, -2.0], [-3.0, -3.0]], entropy=[[0.2, 0.1], [4.0, 1.0], [1.0, 0.5]]
+    )
+    batch.scaled_old_logprobs = torch.stack([batch.old_logprobs - 0.5, batch.old_logprobs - 0.25], -1)
+    return batch
+
+
+def test_era_prepare_rollout_picks_the_scale_and_old_log_probs_by_hand():
+    batch = era_batch()
+    loss = ERALoss()
+    assert loss.logit_scales == (2.0, 0.5)  # the old pass computes log pi_old at k z and z / k
+    loss.prepare_rollout(batch)
+    # two tokens per row: k = max(1, floor(0.4)) = 1, H_resp = the row's largest entropy (0.2, 4, 1);
+    # only A > 0 tokens are transformed
+    assert batch.logit_scale.tolist() == [[2.0, 1.0], [0.5, 0.5], [1.0, 1.0]]
+    assert batch.old_logprobs.tolist() == [[-1.5, -1.0], [-2.25, -2.25], [-3.0, -3.0]]
+    # ratio 1 (current = old under the transform): the loss is -A, the gradient -A per token
+    loss_t, grad, stats = per_token_grad(loss, batch.old_logprobs.clone(), batch)
+    assert loss_t.tolist() == [[-1.0, 1.0], [-2.0, -2.0], [-1.0, -1.0]]
+    assert grad.tolist() == [[-1.0, 1.0], [-2.0, -2.0], [-1.0, -1.0]]
+    # adv_scale: A' = A / k when sharpened, k A when flattened
+    scaled = ERALoss(adv_scale=True)
+    b2 = era_batch()
+    scaled.prepare_rollout(b2)
+    assert per_token_grad(scaled, b2.old_logprobs.clone(), b2)[0].tolist() == [
+        [-0.5, 1.0],
+        [-4.0, -4.0],
+        [-1.0, -1.0],
+    ]
+    # dual-clip with eps 1 / 1 and c = 10: r = e^3 > 2 on an A < 0 token -> -A r = 20.1 capped at 10
+    b3 = era_batch()
+    ERALoss().prepare_rollout(b3)
+    cur = b3.old_logprobs.clone()
+    cur[0, 1] += 3.0
+    assert per_token_grad(ERALoss(), cur, b3)[0][0, 1].item() == pytest.approx(10.0)
+
+
+def test_era_needs_its_rollout_preparation():
+    batch = era_batch()
+    with pytest.raises(ValueError, match="prepare_rollout"):
+        ERALoss()(batch.old_logprobs, batch, batch.entropy)
+    batch.scaled_old_logprobs = None
+    with pytest.raises(ValueError, match="scaled_old_logprobs"):
+        ERALoss().prepare_rollout(batch)

@@ -35,6 +35,15 @@ class AggNorm:
     world_size: int = 1
 
 
+@dataclass(frozen=True)
+class LayerPolicy:
+    """A decoder layer's internal policy softmax(W_U h_layer / T) (BuPO's logit lens): ``layer`` is
+    0-based (the output of decoder layer ``layer``), ``final_norm`` applies the final norm first."""
+
+    layer: int
+    final_norm: bool = False
+
+
 @dataclass
 class RolloutBatch:
     prompt_ids: Tensor  # [B, P] left-padded
@@ -65,6 +74,9 @@ class RolloutBatch:
     # advantages (``PolicyLoss.prepare_rollout``), which the update's forward then applies.
     scaled_old_logprobs: Tensor | None = None
     logit_scale: Tensor | None = None  # [B, T]
+    # Log-probs of this batch come from a layer's internal policy, not the full model (BuPO's first
+    # steps); set from the loss's ``policy_layer()`` before the old-policy pass.
+    policy_layer: LayerPolicy | None = None
     blend_weights: Tensor | None = None  # [B] in [0, 1]: loss = w L(advantages) + (1 - w) L(global)
     info: list[dict[str, Any]] = field(default_factory=list)
     agg_norm: AggNorm | None = None

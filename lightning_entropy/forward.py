@@ -40,11 +40,34 @@ class PolicyForward:
     micro_batch_size: int | None = None
 
     def logits(self, model: torch.nn.Module, b: RolloutBatch) -> Tensor:
-        """Next-token logits at the response positions [B, T, V] (raw, before temperature).
+        """Next-token logits at the response positions [B, T, V] (raw, before temperature); those of
+        ``b.policy_layer``'s internal policy when set.
 
         The positions are selected before the LM head (``logits_to_keep`` as an index tensor), so the
         logits come out contiguous and ``ops`` reads them as flat rows without a gathered copy."""
+        if b.policy_layer is not None:
+            return model.get_output_embeddings()(self.layer_hidden(model, b))
         return model(**model_inputs(b), logits_to_keep=_response_positions(b)).logits
+
+    def layer_hidden(self, model: torch.nn.Module, b: RolloutBatch) -> Tensor:
+        """The residual stream after decoder layer ``b.policy_layer.layer`` at the response positions
+        [B, T, D] (final norm applied when asked), read by a forward hook on that layer; gradients
+        reach that layer and the ones below it only."""
+        view, decoder = b.policy_layer, model.get_decoder()
+        layers = getattr(decoder, "layers", None)
+        if layers is None or not 0 <= view.layer < len(layers):
+            n = "no indexable" if layers is None else len(layers)
+            raise ValueError(f"loss.layer={view.layer}: the policy has {n} decoder layers (0-based index)")
+        captured: list[Tensor] = []
+        hook = layers[view.layer].register_forward_hook(
+            lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        try:
+            decoder(**model_inputs(b))
+        finally:
+            hook.remove()
+        hidden = captured[0].index_select(1, _response_positions(b))
+        return decoder.norm(hidden) if view.final_norm else hidden
 
     def logprobs_entropy(
         self, model: torch.nn.Module, b: RolloutBatch, entropy_grad: bool = False, keep_logits: bool = False
@@ -53,8 +76,11 @@ class PolicyForward:
         under ``b.logit_scale`` s (z' = s z) where a loss set one, i.e. at temperature T / s."""
         temperature = self.temperature if b.logit_scale is None else self.temperature / b.logit_scale
         if self.from_hidden and not keep_logits:
-            hidden = model.get_decoder()(**model_inputs(b)).last_hidden_state
-            hidden = hidden.index_select(1, _response_positions(b))
+            if b.policy_layer is not None:
+                hidden = self.layer_hidden(model, b)
+            else:
+                hidden = model.get_decoder()(**model_inputs(b)).last_hidden_state
+                hidden = hidden.index_select(1, _response_positions(b))
             head = model.get_output_embeddings()
             lp, ent = ops.logprobs_and_entropy_from_hidden(
                 hidden,

@@ -159,6 +159,67 @@ def test_era_old_pass_and_update_forward_share_the_logit_transform(policy_dir):
     assert not torch.allclose(batch.old_logprobs[pos], plain[pos], atol=1e-3)  # the transform bites
 
 
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_bupo_layer_policy_is_the_lm_head_on_layer_k_and_trains_only_layers_up_to_k(policy_dir, final_norm):
+    from types import SimpleNamespace
+
+    from lightning_entropy.batch import LayerPolicy
+    from lightning_entropy.metrics import PhaseTimer
+
+    m = make_module(policy_dir, "sampler.temperature=0.7", "loss.name=bupo", "loss.layer=0",
+                    "loss.bottom_up_steps=1", f"loss.final_norm={str(final_norm).lower()}")  # fmt: skip
+    torch.manual_seed(0)
+    examples = [SimpleNamespace(prompt=p, answer="1") for p in ("12+34=r", "5+77=r", "60+21=r", "9+9=r")]
+    batch = m.rollout_stage(m.policy, None, examples, 0, PhaseTimer())
+    assert batch.policy_layer == LayerPolicy(0, final_norm)
+    # the reference: HF's hidden state after decoder layer 0 (hidden_states[1]), the tied LM head, / T
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        out = m.policy(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True)
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    h1 = out.hidden_states[1][:, P - 1 : P - 1 + T]
+    if final_norm:
+        h1 = m.policy.get_decoder().norm(h1)
+    with torch.no_grad():
+        z = m.policy.get_output_embeddings()(h1) / 0.7
+    ref = torch.log_softmax(z, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
+    assert torch.allclose(batch.old_logprobs, ref, atol=1e-5)
+    full = torch.log_softmax(out.logits[:, P - 1 : P - 1 + T] / 0.7, -1)
+    full = full.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
+    assert not torch.allclose(batch.old_logprobs, full, atol=1e-3)
+    # gradients of the layer policy reach layer 0, the embeddings / head, and nothing above layer 0
+    m.policy.zero_grad(set_to_none=True)
+    _, lp, _ = m.forward_cfg.logprobs_entropy(m.policy, batch)
+    (lp * batch.response_mask).sum().backward()
+    grads = {n: p.grad for n, p in m.policy.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".layers.0." in n)
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".layers.1." in n)
+    norm_grad = grads["model.norm.weight"]
+    assert (norm_grad is not None and norm_grad.abs().sum() > 0) == final_norm
+    # after S_iter = 1 step: the full model again
+    m.components["loss"].end_step({})
+    torch.manual_seed(0)
+    batch = m.rollout_stage(m.policy, None, examples, 0, PhaseTimer())
+    assert batch.policy_layer is None
+
+
+def test_bupo_layer_outside_the_policy_is_named():
+    from lightning_entropy.batch import LayerPolicy, RolloutBatch
+    from lightning_entropy.forward import PolicyForward
+    from lightning_entropy.models import build_tiny_model
+
+    model = build_tiny_model(
+        20, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=8, max_positions=16, seed=0
+    )
+    one = torch.ones(1, 2, dtype=torch.long)
+    b = RolloutBatch(one, one, one, one, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))
+    b.policy_layer = LayerPolicy(5)
+    with pytest.raises(ValueError, match=r"loss.layer=5: the policy has 2 decoder layers"):
+        PolicyForward().logits(model, b)
+
+
 def test_kl_estimators_by_hand():
     lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     d = lp - ref  # [0.5, -1.0]

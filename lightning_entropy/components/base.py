@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_entropy.batch import RolloutBatch
+    from lightning_entropy.batch import LayerPolicy, RolloutBatch
 
 
 class Component(ABC):
@@ -101,6 +101,11 @@ class PolicyLoss(Component):
     # Logit multipliers s (z' = s z) at which the old-policy pass also computes log pi_old
     # (``batch.scaled_old_logprobs``), for a loss that picks one per token in ``prepare_rollout``.
     logit_scales: ClassVar[tuple[float, ...]] = ()
+
+    def policy_layer(self) -> LayerPolicy | None:
+        """The internal layer policy this loss trains at the current step (BuPO), or None for the
+        full model; the old-policy pass and the update both evaluate it."""
+        return None
 
     def prepare_rollout(self, batch: RolloutBatch) -> None:
         """Called once per rollout after the advantages, before any update. A loss that trains

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_entropy.batch import RolloutBatch, make_agg_norm
+from lightning_entropy.batch import LayerPolicy, RolloutBatch, make_agg_norm
 from lightning_entropy.components.base import PolicyLoss
 from lightning_entropy.components.common import all_reduce_sum, global_masked_mean, masked_mean, promoted
 from lightning_entropy.components.selectors import (
@@ -356,6 +356,64 @@ class ERALoss(PolicyLoss):
         loss, stats = clipped_surrogate(ratio, adv, self.eps_low, self.eps_high, self.clip_c)
         stats["logit_scale"] = batch.logit_scale
         return loss, stats
+
+
+@register("loss", "bupo")
+class BuPOLoss(PolicyLoss):
+    """BuPO, Bottom-up Policy Optimization, arXiv 2512.19673 (official Trae1ounG/BuPO ``dp_actor``):
+    for the first ``bottom_up_steps`` RL steps (S_iter) the old-policy pass and the update's log-probs
+    come from decoder layer k's internal policy pi^(k) = softmax(W_U h^(k) / T) (the LM head on the
+    residual stream after layer ``layer``, 0-based = HF hidden_states[k + 1]; rollouts still come from
+    the full model), so only layers <= k (and the head and embeddings) learn; afterwards the full policy.
+    The loss is dual-clip PPO throughout (eps 0.2/0.2, clip_c 10).
+
+    Defaults: k = 5 (Qwen3 script; the Llama script uses 26, the config default 30), S_iter = 30. The
+    training path applies no final norm (the code's); ``final_norm: true`` applies it (the
+    visualisation script's option). While pi^(k) trains, the logged rollout entropy is pi^(k)'s.
+    The step count is checkpointed.
+    """
+
+    def __init__(
+        self,
+        *,
+        layer: int = 5,
+        bottom_up_steps: int = 30,
+        final_norm: bool = False,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        clip_c: float | None = 10.0,
+        log_ratio_clamp: float | None = 20.0,
+    ) -> None:
+        if layer < 0:
+            raise ValueError(f"layer must be a 0-based decoder layer index >= 0, got {layer!r}")
+        if bottom_up_steps < 0:
+            raise ValueError(f"bottom_up_steps must be >= 0, got {bottom_up_steps!r}")
+        check_clip(eps_low, eps_high, clip_c)
+        self.view = LayerPolicy(int(layer), bool(final_norm))
+        self.bottom_up_steps = int(bottom_up_steps)
+        self.eps_low, self.eps_high, self.clip_c = eps_low, eps_high, clip_c
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
+        self.steps = 0  # RL steps completed
+
+    def policy_layer(self) -> LayerPolicy | None:
+        return self.view if self.steps < self.bottom_up_steps else None
+
+    def end_step(self, summary: dict[str, float]) -> None:
+        self.steps += 1
+
+    def __call__(
+        self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
+        loss, stats = clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.clip_c)
+        stats["internal_policy"] = torch.tensor(float(batch.policy_layer is not None))
+        return loss, stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
 
 
 @register("loss", "clip_cov")

@@ -14,6 +14,7 @@ import lightning_entropy  # noqa: F401  (registers the built-in components)
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
 from lightning_entropy.components.losses import (
     BAPOLoss,
+    BuPOLoss,
     CEGPPOLoss,
     CISPOLoss,
     ClipCovLoss,
@@ -806,3 +807,27 @@ def test_era_needs_its_rollout_preparation():
     batch.scaled_old_logprobs = None
     with pytest.raises(ValueError, match="scaled_old_logprobs"):
         ERALoss().prepare_rollout(batch)
+
+
+# --------------------------------------------------------------------------------------------
+# BuPO (arXiv 2512.19673): layer k's internal policy for the first S_iter steps, then the full one
+
+
+def test_bupo_trains_the_layer_policy_for_s_iter_steps_then_the_full_model():
+    loss = BuPOLoss(layer=1, bottom_up_steps=2)
+    views = []
+    for _ in range(3):
+        views.append(loss.policy_layer())
+        loss.end_step({})
+    assert [v is not None for v in views] == [True, True, False]
+    assert views[0].layer == 1 and views[0].final_norm is False  # the official training path: no norm
+    assert BuPOLoss(final_norm=True).policy_layer().final_norm
+    assert BuPOLoss(bottom_up_steps=0).policy_layer() is None  # plain GRPO from the start
+    resumed = BuPOLoss(layer=1, bottom_up_steps=2)
+    resumed.load_state_dict(loss.state_dict())
+    assert resumed.steps == 3 and resumed.policy_layer() is None
+    # the surrogate is dual-clip PPO (eps 0.2/0.2, c = 10), whichever policy gave the log-probs
+    batch, cur, ent = random_batch(seed=2)
+    got, grad, _ = per_token_grad(BuPOLoss(), cur, batch)
+    want, grad0, _ = per_token_grad(PPOLoss(clip_c=10.0), cur, batch)
+    assert torch.equal(got, want) and torch.equal(grad, grad0)

@@ -100,6 +100,39 @@ def test_every_shipped_config_runs_two_steps(tmp_path, tiny_cache, config):
     fit(tmp_path, config.stem, "trainer.max_steps=2", config=config)
 
 
+@pytest.mark.parametrize(
+    ("config", "extra", "expect"),
+    [
+        # BuPO: layer 1's internal policy at step 0 (S_iter = 1), the full model at step 1
+        ("bupo", ["loss.bottom_up_steps=1"], {"loss/internal_policy": [1.0, 0.0]}),
+        # COPO: the blend and the answer entropy of the rollout, from the shipped config
+        (
+            "copo",
+            [],
+            dict.fromkeys(["adv/copo/blend_weight", "adv/copo/answer_entropy", "loss/local_weight"]),
+        ),
+        # ERA: every A > 0 token of every response is sharpened when omega_low exceeds any entropy
+        ("era", ["loss.omega_low=100.0", "loss.omega_high=200.0"], {"loss/sharpened_frac": None}),
+        # Clip_V: the old pass fills N_t, the selector logs its std and the dropped share
+        ("clip_v", [], {"selector/d_std": None, "selector/clipped_neg_frac": None}),
+    ],
+    ids=["bupo", "copo", "era", "clip_v"],
+)
+def test_new_methods_log_what_they_do(tmp_path, tiny_cache, config, extra, expect):
+    run = fit(tmp_path, config, "trainer.max_steps=2", *extra, config=ROOT / "configs" / f"{config}.yaml")
+    series = read_metrics(run)
+    for key, values in expect.items():
+        assert key in series, key
+        got = [v for _, v in series[key]]
+        assert all(math.isfinite(v) for v in got), key
+        if values is not None:
+            assert got == values, key
+    if config == "era":  # the sharpened share is the positive-advantage share of the tokens
+        assert [v for _, v in series["loss/sharpened_frac"]] == pytest.approx(
+            [v for _, v in series["adv/pos_frac"]], abs=1e-6
+        )
+
+
 def test_ddp_two_cpu_processes_fit(tmp_path, tiny_cache):
     """The real launcher path: Lightning relaunches the command once per rank."""
     import os

@@ -341,8 +341,16 @@ class ERALoss(PolicyLoss):
             scale == k, lp[..., 0], torch.where(scale == 1 / k, lp[..., 1], batch.old_logprobs)
         )
         batch.logit_scale = scale.to(torch.float32)
-        sharpened, flattened = (scale > 1).float(), (scale < 1).float()
-        self.metrics.update(response_entropy=h.float(), sharpened_frac=sharpened, flattened_frac=flattened)
+        # shares of the rollout's response tokens, pooled over ranks (logged once, at the first micro-batch)
+        n = all_reduce_sum(
+            torch.stack([(mask & (scale > 1)).sum(), (mask & (scale < 1)).sum(), mask.sum()]).double()
+        )
+        rows = all_reduce_sum(torch.stack([h.sum(), (batch.response_mask.sum(-1) > 0).sum()]).double())
+        self.metrics.update(
+            sharpened_frac=n[0] / n[2].clamp_min(1),
+            flattened_frac=n[1] / n[2].clamp_min(1),
+            response_entropy=rows[0] / rows[1].clamp_min(1),
+        )
 
     def __call__(
         self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor

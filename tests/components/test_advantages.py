@@ -711,21 +711,31 @@ DIST_CASES = [
     ("riskpo", {"bundle_size": 2, "quantile_mode": "batch"}),  # bundle {2, 3} straddles the ranks
     ("riskpo", {"bundle_size": 2, "quantile_mode": "track"}),
     ("qae", {}),
+    ("copo", {"mode": "only-soft"}),  # the global advantage normalises over every rank's prompts
 ]
+
+
+def _dist_batch() -> RolloutBatch:
+    full = random_batch(seed=7, n_groups=5, group_size=4)
+    full.info = [{"extracted": str(i % 3 if i % 5 else 0)} for i in range(full.size)]  # varied H_q
+    return full
 
 
 def _dist_worker(rank: int, path: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{path}/rdv", rank=rank, world_size=2)
-    full = random_batch(seed=7, n_groups=5, group_size=4)
+    full = _dist_batch()
     gidx = torch.unique(full.group_ids, return_inverse=True)[1]
     rows = torch.nonzero(gidx < 3).flatten() if rank == 0 else torch.nonzero(gidx >= 3).flatten()
     out = {}
     for i, (name, kwargs) in enumerate(DIST_CASES):
         est = build(name, **kwargs)
         est(full.index(rows))  # riskpo track: the second call uses the tracked (cross-rank) quantiles
-        out[i] = (rows, est(full.index(rows)), {k: v for k, v in est.metrics.items() if v.dim() == 0})
+        local = full.index(rows)
+        adv = est(local)
+        extra = {f: getattr(local, f) for f in est.provides}
+        out[i] = (rows, adv, {k: v for k, v in est.metrics.items() if v.dim() == 0}, extra)
     torch.save(out, f"{path}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -733,14 +743,18 @@ def _dist_worker(rank: int, path: str) -> None:
 def test_statistics_are_taken_across_ranks(tmp_path) -> None:
     torch.multiprocessing.spawn(_dist_worker, args=(str(tmp_path),), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    full = random_batch(seed=7, n_groups=5, group_size=4)
+    full = _dist_batch()
     for i, (name, kwargs) in enumerate(DIST_CASES):
         est = build(name, **kwargs)
         est(full)
         ref = est(full)
         for part in parts:
-            rows, adv, metrics = part[i]
+            rows, adv, metrics, extra = part[i]
             assert torch.allclose(adv, ref[rows], atol=1e-5), name
+            for f, value in extra.items():
+                assert torch.allclose(value, getattr(full, f)[rows], atol=1e-6), (name, f)
+            if name == "copo":
+                assert full.global_advantages.abs().sum() > 0 and len(set(full.blend_weights.tolist())) > 1
             for key, value in metrics.items():
                 assert torch.allclose(value.float(), est.metrics[key].float(), atol=1e-5), (name, key)
 

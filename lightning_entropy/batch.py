@@ -36,12 +36,18 @@ class AggNorm:
 
 
 @dataclass(frozen=True)
-class LayerPolicy:
-    """A decoder layer's internal policy softmax(W_U h_layer / T) (BuPO's logit lens): ``layer`` is
-    0-based (the output of decoder layer ``layer``), ``final_norm`` applies the final norm first."""
+class PolicyView:
+    """Which distribution the log-probs of a batch are taken under, when a loss trains another one
+    than the full model's softmax(z / T):
 
-    layer: int
+    ``layer``: a decoder layer's internal policy softmax(W_U h_layer / T) (BuPO's logit lens), 0-based
+    (the output of decoder layer ``layer``); ``final_norm`` applies the final norm to h first.
+    ``topk``: log p over the top-k logits renormalised, -1e4 outside them (ERA's scripts).
+    """
+
+    layer: int | None = None
     final_norm: bool = False
+    topk: int | None = None
 
 
 @dataclass
@@ -74,9 +80,9 @@ class RolloutBatch:
     # advantages (``PolicyLoss.prepare_rollout``), which the update's forward then applies.
     scaled_old_logprobs: Tensor | None = None
     logit_scale: Tensor | None = None  # [B, T]
-    # Log-probs of this batch come from a layer's internal policy, not the full model (BuPO's first
-    # steps); set from the loss's ``policy_layer()`` before the old-policy pass.
-    policy_layer: LayerPolicy | None = None
+    # The distribution the log-probs of this batch are taken under, when not the full model's
+    # (BuPO's layer policy, ERA's top-k); set from the loss's ``policy_view()`` before the old pass.
+    policy_view: PolicyView | None = None
     blend_weights: Tensor | None = None  # [B] in [0, 1]: loss = w L(advantages) + (1 - w) L(global)
     info: list[dict[str, Any]] = field(default_factory=list)
     agg_norm: AggNorm | None = None

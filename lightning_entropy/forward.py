@@ -41,19 +41,19 @@ class PolicyForward:
 
     def logits(self, model: torch.nn.Module, b: RolloutBatch) -> Tensor:
         """Next-token logits at the response positions [B, T, V] (raw, before temperature); those of
-        ``b.policy_layer``'s internal policy when set.
+        a layer's internal policy when ``b.policy_view`` names one.
 
         The positions are selected before the LM head (``logits_to_keep`` as an index tensor), so the
         logits come out contiguous and ``ops`` reads them as flat rows without a gathered copy."""
-        if b.policy_layer is not None:
+        if b.policy_view is not None and b.policy_view.layer is not None:
             return model.get_output_embeddings()(self.layer_hidden(model, b))
         return model(**model_inputs(b), logits_to_keep=_response_positions(b)).logits
 
     def layer_hidden(self, model: torch.nn.Module, b: RolloutBatch) -> Tensor:
-        """The residual stream after decoder layer ``b.policy_layer.layer`` at the response positions
+        """The residual stream after decoder layer ``b.policy_view.layer`` at the response positions
         [B, T, D] (final norm applied when asked), read by a forward hook on that layer; gradients
         reach that layer and the ones below it only."""
-        view, decoder = b.policy_layer, model.get_decoder()
+        view, decoder = b.policy_view, model.get_decoder()
         layers = getattr(decoder, "layers", None)
         if layers is None or not 0 <= view.layer < len(layers):
             n = "no indexable" if layers is None else len(layers)
@@ -73,10 +73,12 @@ class PolicyForward:
         self, model: torch.nn.Module, b: RolloutBatch, entropy_grad: bool = False, keep_logits: bool = False
     ) -> tuple[Tensor | None, Tensor, Tensor]:
         """(logits or None, log p of the response tokens [B, T], entropy [B, T]) at the temperature;
-        under ``b.logit_scale`` s (z' = s z) where a loss set one, i.e. at temperature T / s."""
+        under ``b.logit_scale`` s (z' = s z) where a loss set one, i.e. at temperature T / s, and
+        under ``b.policy_view`` (a layer's policy; top-k log p, the entropy staying full-vocabulary)."""
         temperature = self.temperature if b.logit_scale is None else self.temperature / b.logit_scale
-        if self.from_hidden and not keep_logits:
-            if b.policy_layer is not None:
+        topk = b.policy_view.topk if b.policy_view is not None else None
+        if self.from_hidden and not keep_logits and topk is None:
+            if b.policy_view is not None and b.policy_view.layer is not None:
                 hidden = self.layer_hidden(model, b)
             else:
                 hidden = model.get_decoder()(**model_inputs(b)).last_hidden_state
@@ -97,6 +99,8 @@ class PolicyForward:
             logits, b.response_ids, temperature=temperature, chunk_size=self.chunk_size,
             entropy_grad=entropy_grad,
         )
+        if topk is not None:
+            lp = ops.topk_logprobs(logits, b.response_ids, topk, temperature=temperature)
         return (logits if keep_logits else None), lp, ent
 
     def micro_batches(self, b: RolloutBatch) -> list[RolloutBatch]:
@@ -125,6 +129,9 @@ class PolicyForward:
                 lp, ent = ops.logprobs_and_entropy(
                     logits, mb.response_ids, temperature=self.temperature, chunk_size=self.chunk_size
                 )
+                topk = mb.policy_view.topk if mb.policy_view is not None else None
+                if topk is not None:
+                    lp = ops.topk_logprobs(logits, mb.response_ids, topk, temperature=self.temperature)
                 cols.setdefault("old_logprobs", []).append(lp)
                 cols.setdefault("entropy", []).append(ent)
                 if extras & UCAS_EXTRAS:
@@ -135,7 +142,9 @@ class PolicyForward:
                     cols.setdefault("sampled_logits", []).append(z)
                 if logit_scales:  # ERA: the same logits at temperature T / s
                     scaled = [
-                        ops.logprobs_and_entropy(
+                        ops.topk_logprobs(logits, mb.response_ids, topk, temperature=self.temperature / s)
+                        if topk is not None
+                        else ops.logprobs_and_entropy(
                             logits,
                             mb.response_ids,
                             temperature=self.temperature / s,

@@ -364,6 +364,28 @@ def discriminator_baseline(
     return out.view(entropy.shape)
 
 
+def topk_logprobs(logits: Tensor, targets: Tensor, k: int, *, temperature: Temp = 1.0) -> Tensor:
+    """log p(targets) [B, T] under the top-k logits renormalised (ERA's ``logprobs_from_logits_topk``,
+    arXiv 2510.08549): z_t - logsumexp(top-k z) when the target is among the k largest logits, else
+    -1e4 (a constant: no gradient). z = logits / temperature (a float or [B, T]); the top-k is taken
+    on the raw logits (the same set for any positive temperature), so no scaled [N, V] copy is made.
+    """
+    _check(temperature, 1)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} != logits shape[:-1] {tuple(logits.shape[:-1])}"
+        )
+    if k < 1:
+        raise ValueError(f"top-k must be >= 1, got {k}")
+    top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    t = temperature[..., None] if isinstance(temperature, Tensor) else temperature
+    lse = torch.logsumexp(top.float() / t, -1)
+    target = logits.gather(-1, targets.long()[..., None]).squeeze(-1).float()
+    chosen = (idx == targets.long()[..., None]).any(-1)
+    t = temperature if isinstance(temperature, Tensor) else float(temperature)
+    return torch.where(chosen, target / t - lse, torch.full_like(lse, _LOGP_FLOOR))
+
+
 def naive_logprobs_and_entropy(
     logits: Tensor,
     targets: Tensor,

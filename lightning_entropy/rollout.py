@@ -128,7 +128,7 @@ class RolloutStage:
             return out
 
         batch = self.c["regularizer"].modify_rollout(batch, resample)
-        batch.policy_layer = self.c["loss"].policy_layer()  # BuPO's internal policy, else None
+        batch.policy_view = self.c["loss"].policy_view()  # BuPO's layer policy, ERA's top-k, or None
         with timer("old_pass"):
             self.forward.old_policy_pass(
                 policy,

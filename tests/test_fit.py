@@ -111,8 +111,13 @@ def test_every_shipped_config_runs_two_steps(tmp_path, tiny_cache, config):
             [],
             dict.fromkeys(["adv/copo/blend_weight", "adv/copo/answer_entropy", "loss/local_weight"]),
         ),
-        # ERA: every A > 0 token of every response is sharpened when omega_low exceeds any entropy
-        ("era", ["loss.omega_low=100.0", "loss.omega_high=200.0"], {"loss/sharpened_frac": None}),
+        # ERA: every A > 0 token of every response is sharpened when omega_low exceeds any entropy;
+        # with the scripts' top-k log-probs (k = 5 of the tiny vocabulary)
+        (
+            "era",
+            ["loss.omega_low=100.0", "loss.omega_high=200.0", "loss.topk=5"],
+            {"loss/sharpened_frac": None},
+        ),
         # Clip_V: the old pass fills N_t, the selector logs its std and the dropped share
         ("clip_v", [], {"selector/d_std": None, "selector/clipped_neg_frac": None}),
     ],

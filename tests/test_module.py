@@ -114,17 +114,20 @@ def test_old_policy_pass_fills_clip_v_baseline_only_when_asked(policy_dir):
     assert m.rollout_stage.needs == {"discriminator_baseline"}  # the rollout stage asks for it
 
 
-def test_era_old_pass_and_update_forward_share_the_logit_transform(policy_dir):
+@pytest.mark.parametrize("topk", [None, 3])
+def test_era_old_pass_and_update_forward_share_the_logit_transform(policy_dir, topk):
     """Through the real rollout stage: pi_old under z' = s z (s = k on A > 0 tokens of sharpened
-    responses) equals the update's forward under the same transform, and both are log_softmax(s z / T)."""
+    responses) equals the update's forward under the same transform, and both are log_softmax(s z / T)
+    (over the top-k logits renormalised, -1e4 outside, with ``topk``)."""
     from types import SimpleNamespace
 
     from lightning_entropy.metrics import PhaseTimer
 
     # omega_low above any entropy: every response is "low entropy", so every A > 0 token is sharpened
     m = make_module(
-        policy_dir, "sampler.temperature=0.7", "loss.name=era", "loss.omega_low=50.0", "loss.omega_high=60.0"
-    )
+        policy_dir, "sampler.temperature=0.7", "loss.name=era", "loss.omega_low=50.0", "loss.omega_high=60.0",
+        f"loss.topk={'null' if topk is None else topk}",
+    )  # fmt: skip
     torch.manual_seed(0)
     examples = [SimpleNamespace(prompt=p, answer=a) for p, a in (("12+34=r", "64"), ("5+77=r", "28"))]
     examples *= 2
@@ -154,8 +157,13 @@ def test_era_old_pass_and_update_forward_share_the_logit_transform(policy_dir):
         ).logits
     P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     z = logits[:, P - 1 : P - 1 + T] * batch.logit_scale[..., None] / 0.7
-    ref = torch.log_softmax(z, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    if topk is not None:  # renormalise over the k largest logits; the others get -1e4
+        kth = z.topk(topk, -1).values[..., -1:]
+        z = torch.where(z >= kth, z, torch.full_like(z, -float("inf")))
+    ref = torch.log_softmax(z, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1).clamp_min(-1e4)
     assert torch.allclose(batch.old_logprobs, ref * batch.response_mask, atol=1e-5)
+    if topk is not None:
+        assert (batch.old_logprobs == -1e4).any()  # some sampled tokens fall outside the top 3
     assert not torch.allclose(batch.old_logprobs[pos], plain[pos], atol=1e-3)  # the transform bites
 
 
@@ -163,7 +171,7 @@ def test_era_old_pass_and_update_forward_share_the_logit_transform(policy_dir):
 def test_bupo_layer_policy_is_the_lm_head_on_layer_k_and_trains_only_layers_up_to_k(policy_dir, final_norm):
     from types import SimpleNamespace
 
-    from lightning_entropy.batch import LayerPolicy
+    from lightning_entropy.batch import PolicyView
     from lightning_entropy.metrics import PhaseTimer
 
     m = make_module(policy_dir, "sampler.temperature=0.7", "loss.name=bupo", "loss.layer=0",
@@ -171,7 +179,7 @@ def test_bupo_layer_policy_is_the_lm_head_on_layer_k_and_trains_only_layers_up_t
     torch.manual_seed(0)
     examples = [SimpleNamespace(prompt=p, answer="1") for p in ("12+34=r", "5+77=r", "60+21=r", "9+9=r")]
     batch = m.rollout_stage(m.policy, None, examples, 0, PhaseTimer())
-    assert batch.policy_layer == LayerPolicy(0, final_norm)
+    assert batch.policy_view == PolicyView(layer=0, final_norm=final_norm)
     # the reference: HF's hidden state after decoder layer 0 (hidden_states[1]), the tied LM head, / T
     ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
     attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
@@ -202,11 +210,11 @@ def test_bupo_layer_policy_is_the_lm_head_on_layer_k_and_trains_only_layers_up_t
     m.components["loss"].end_step({})
     torch.manual_seed(0)
     batch = m.rollout_stage(m.policy, None, examples, 0, PhaseTimer())
-    assert batch.policy_layer is None
+    assert batch.policy_view is None
 
 
 def test_bupo_layer_outside_the_policy_is_named():
-    from lightning_entropy.batch import LayerPolicy, RolloutBatch
+    from lightning_entropy.batch import PolicyView, RolloutBatch
     from lightning_entropy.forward import PolicyForward
     from lightning_entropy.models import build_tiny_model
 
@@ -215,7 +223,7 @@ def test_bupo_layer_outside_the_policy_is_named():
     )
     one = torch.ones(1, 2, dtype=torch.long)
     b = RolloutBatch(one, one, one, one, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))
-    b.policy_layer = LayerPolicy(5)
+    b.policy_view = PolicyView(layer=5)
     with pytest.raises(ValueError, match=r"loss.layer=5: the policy has 2 decoder layers"):
         PolicyForward().logits(model, b)
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_entropy.batch import LayerPolicy, RolloutBatch
+    from lightning_entropy.batch import PolicyView, RolloutBatch
 
 
 class Component(ABC):
@@ -102,9 +102,9 @@ class PolicyLoss(Component):
     # (``batch.scaled_old_logprobs``), for a loss that picks one per token in ``prepare_rollout``.
     logit_scales: ClassVar[tuple[float, ...]] = ()
 
-    def policy_layer(self) -> LayerPolicy | None:
-        """The internal layer policy this loss trains at the current step (BuPO), or None for the
-        full model; the old-policy pass and the update both evaluate it."""
+    def policy_view(self) -> PolicyView | None:
+        """The distribution this loss trains at the current step (BuPO's layer policy, ERA's top-k),
+        or None for the full model's; the old-policy pass and the update both evaluate it."""
         return None
 
     def prepare_rollout(self, batch: RolloutBatch) -> None:

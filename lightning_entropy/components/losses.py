@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_entropy.batch import LayerPolicy, RolloutBatch, make_agg_norm
+from lightning_entropy.batch import PolicyView, RolloutBatch, make_agg_norm
 from lightning_entropy.components.base import PolicyLoss
 from lightning_entropy.components.common import all_reduce_sum, global_masked_mean, masked_mean, promoted
 from lightning_entropy.components.selectors import (
@@ -295,8 +295,9 @@ class ERALoss(PolicyLoss):
     Defaults: ``era_k`` 2, omega 0.45 / 3.0, eps 1.0 / 1.0 (ratio in [0, 2]) and clip_c 10 from
     qwen_7b_era_topk.sh. ``adv_scale`` (qwen_7b_era_topk_scale.sh, the project page) also sets
     A' = A / k in the low case and k A in the high case. H_resp comes from the old-policy pass (the
-    official code takes it in each pass; identical at the first update of a rollout). The scripts'
-    top-20 renormalised log-prob trick is not implemented.
+    official code takes it in each pass; identical at the first update of a rollout). ``topk: 20``
+    is the scripts' bundled trick (``logprobs_from_logits_topk``: log pi over the top-20 logits
+    renormalised, -1e4 outside them, in both passes); off by default so that it is ablated apart.
     """
 
     ratio_dependent = False  # the transformed log-probs change the gradient even at r = 1
@@ -310,11 +311,14 @@ class ERALoss(PolicyLoss):
         omega_high: float = 3.0,
         top_fraction: float = 0.2,
         adv_scale: bool = False,
+        topk: int | None = None,
         eps_low: float = 1.0,
         eps_high: float = 1.0,
         clip_c: float | None = 10.0,
         log_ratio_clamp: float | None = 20.0,
     ) -> None:
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be >= 1 or null, got {topk!r}")
         if not era_k > 1:
             raise ValueError(f"era_k must be > 1, got {era_k!r}")
         if not 0 <= omega_low <= omega_high:
@@ -327,6 +331,10 @@ class ERALoss(PolicyLoss):
         self.eps_low, self.eps_high, self.clip_c = eps_low, eps_high, clip_c
         self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
         self.logit_scales = (self.era_k, 1.0 / self.era_k)
+        self.view = None if topk is None else PolicyView(topk=int(topk))
+
+    def policy_view(self) -> PolicyView | None:
+        return self.view
 
     def prepare_rollout(self, batch: RolloutBatch) -> None:
         mask = batch.response_mask.bool()
@@ -397,13 +405,13 @@ class BuPOLoss(PolicyLoss):
         if bottom_up_steps < 0:
             raise ValueError(f"bottom_up_steps must be >= 0, got {bottom_up_steps!r}")
         check_clip(eps_low, eps_high, clip_c)
-        self.view = LayerPolicy(int(layer), bool(final_norm))
+        self.view = PolicyView(layer=int(layer), final_norm=bool(final_norm))
         self.bottom_up_steps = int(bottom_up_steps)
         self.eps_low, self.eps_high, self.clip_c = eps_low, eps_high, clip_c
         self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
         self.steps = 0  # RL steps completed
 
-    def policy_layer(self) -> LayerPolicy | None:
+    def policy_view(self) -> PolicyView | None:
         return self.view if self.steps < self.bottom_up_steps else None
 
     def end_step(self, summary: dict[str, float]) -> None:
@@ -414,7 +422,7 @@ class BuPOLoss(PolicyLoss):
     ) -> tuple[Tensor, dict[str, Any]]:
         ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
         loss, stats = clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.clip_c)
-        stats["internal_policy"] = torch.tensor(float(batch.policy_layer is not None))
+        stats["internal_policy"] = torch.tensor(float(batch.policy_view is not None))
         return loss, stats
 
     def state_dict(self) -> dict[str, Any]:

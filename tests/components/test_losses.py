@@ -28,7 +28,7 @@ from lightning_entropy.components.losses import (
     PPOLoss,
     top_fraction_mean,
 )
-from lightning_entropy.ops import logprobs_and_entropy
+from lightning_entropy.ops import logprobs_and_entropy, topk_logprobs
 from lightning_entropy.registry import LOSSES
 from tests._dist import run_two_ranks
 
@@ -800,6 +800,31 @@ def test_era_prepare_rollout_picks_the_scale_and_old_log_probs_by_hand():
     assert per_token_grad(ERALoss(), cur, b3)[0][0, 1].item() == pytest.approx(10.0)
 
 
+def test_topk_log_probs_by_hand():
+    # logits (3, 2, 1, 0), k = 2: the top-2 set {0, 1}, log p = z - log(e^3 + e^2); outside: -1e4
+    z = torch.tensor([[[3.0, 2.0, 1.0, 0.0]] * 3]).requires_grad_()
+    tgt = torch.tensor([[0, 1, 2]])
+    lse = math.log(math.exp(3) + math.exp(2))
+    lp = topk_logprobs(z, tgt, 2)
+    assert lp[0].tolist() == pytest.approx([3 - lse, 2 - lse, -1e4], abs=1e-6)
+    # per-token temperature 0.5 (ERA's k z with k = 2): z / 0.5 over the same top-2 set
+    lp2 = topk_logprobs(z, tgt, 2, temperature=torch.full((1, 3), 0.5))
+    lse2 = math.log(math.exp(6) + math.exp(4))
+    assert lp2[0, :2].tolist() == pytest.approx([6 - lse2, 4 - lse2], abs=1e-6)
+    # the gradient of a top-k log-prob: onehot - softmax over the top-k only; none outside
+    lp.sum().backward()
+    p0, p1 = math.exp(3 - lse), math.exp(2 - lse)
+    assert z.grad[0, 0].tolist() == pytest.approx([1 - p0, -p1, 0, 0], abs=1e-6)
+    assert z.grad[0, 2].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_era_topk_option_is_a_policy_view():
+    assert ERALoss().policy_view() is None  # off by default: ablated apart from ERA itself
+    assert ERALoss(topk=20).policy_view().topk == 20
+    with pytest.raises(ValueError, match="topk"):
+        ERALoss(topk=0)
+
+
 def test_era_needs_its_rollout_preparation():
     batch = era_batch()
     with pytest.raises(ValueError, match="prepare_rollout"):
@@ -817,15 +842,15 @@ def test_bupo_trains_the_layer_policy_for_s_iter_steps_then_the_full_model():
     loss = BuPOLoss(layer=1, bottom_up_steps=2)
     views = []
     for _ in range(3):
-        views.append(loss.policy_layer())
+        views.append(loss.policy_view())
         loss.end_step({})
     assert [v is not None for v in views] == [True, True, False]
     assert views[0].layer == 1 and views[0].final_norm is False  # the official training path: no norm
-    assert BuPOLoss(final_norm=True).policy_layer().final_norm
-    assert BuPOLoss(bottom_up_steps=0).policy_layer() is None  # plain GRPO from the start
+    assert BuPOLoss(final_norm=True).policy_view().final_norm
+    assert BuPOLoss(bottom_up_steps=0).policy_view() is None  # plain GRPO from the start
     resumed = BuPOLoss(layer=1, bottom_up_steps=2)
     resumed.load_state_dict(loss.state_dict())
-    assert resumed.steps == 3 and resumed.policy_layer() is None
+    assert resumed.steps == 3 and resumed.policy_view() is None
     # the surrogate is dual-clip PPO (eps 0.2/0.2, c = 10), whichever policy gave the log-probs
     batch, cur, ent = random_batch(seed=2)
     got, grad, _ = per_token_grad(BuPOLoss(), cur, batch)

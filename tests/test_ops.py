@@ -373,6 +373,27 @@ def test_peak_memory_stays_below_one_fp32_copy():
     assert naive > 2 * full_fp32
 
 
+def test_clip_v_baseline_and_per_token_temperature_stay_chunked():
+    # Clip_V's N_t (old pass, no grad) and ERA's per-token temperature (with grad): a few fp32
+    # [chunk, V] buffers, never an fp32 copy of the [N, V] logits
+    n, v, chunk = 128, 4096, 8
+    logits = torch.randn(1, n, v).bfloat16()
+    h = torch.rand(1, n)
+    full_fp32 = n * v * 4
+    peak = _peak_live_bytes(lambda: discriminator_baseline(logits, h, chunk_size=chunk))
+    assert peak < 4 * chunk * v * 4 + 64 * n < full_fp32
+    x = logits.clone().requires_grad_()
+    targets = torch.randint(0, v, (1, n))
+    temps = torch.rand(1, n) + 0.5
+
+    def step():
+        lp, ent = logprobs_and_entropy(x, targets, temperature=temps, chunk_size=chunk, entropy_grad=True)
+        (lp.sum() + ent.sum()).backward()
+        x.grad = None
+
+    assert _peak_live_bytes(step) < n * v * 2 + 4 * chunk * v * 4 + 64 * n < full_fp32
+
+
 class _LiveBuffers(TorchDispatchMode):
     """Peak bytes of the large tensors the ops allocate inside the mode (views and in-place results,
     which share an input's storage, are not allocations)."""

@@ -64,6 +64,7 @@ class RolloutBatch:
     ref_logprobs: Tensor | None = None  # [B, T] only when a KL term is on
     advantages: Tensor | None = None  # [B, T]
     token_weights: Tensor | None = None  # [B, T]
+    step_weights: Tensor | None = None  # [B, T] a selector's weights fixed over the rollout (scope: step)
     # Optional per-token old-policy extras, filled only when a component lists them in `requires`.
     self_certainty: Tensor | None = None  # [B, T] logsumexp(z) - mean_v(z)  (UCAS)
     sampled_logits: Tensor | None = None  # [B, T] raw logit of the sampled token (UCAS)

@@ -153,7 +153,8 @@ class RolloutStage:
             fixed = ~torch.isnan(o)
             adv = torch.where(fixed[:, None], o[:, None] * batch.response_mask, adv)
         batch.advantages = adv
-        self.c["loss"].prepare_rollout(batch)
+        for section in ("selector", "loss"):
+            self.c[section].prepare_rollout(batch)
         return batch
 
 

@@ -45,6 +45,11 @@ class Component(ABC):
     def end_step(self, summary: dict[str, float]) -> None:
         """Called once after each RL step's update with that step's logged means (e.g. "entropy")."""
 
+    def prepare_rollout(self, batch: RolloutBatch) -> None:
+        """Called once per rollout (this rank's rows) after the advantages, before any update, on the
+        selector and the loss: rollout-wide statistics (Clip_B's scope: step), or a loss's logit
+        transform and pi_old under it (ERA's ``batch.logit_scale``)."""
+
 
 class Sampler(Component):
     needs_old_pass: ClassVar[bool] = False
@@ -80,7 +85,8 @@ class AdvantageEstimator(Component):
 
 class TokenSelector(Component):
     # "minibatch": statistics pooled over the whole mini-batch (all micro-batches and ranks);
-    # "micro": the official codes' per-micro-batch statistics from the current forward pass.
+    # "micro": the official codes' per-micro-batch statistics from the current forward pass;
+    # "step": over the whole rollout of every rank, fixed in ``prepare_rollout`` (batch.step_weights).
     scope: str = "minibatch"
 
     @abstractmethod
@@ -107,9 +113,6 @@ class PolicyLoss(Component):
         or None for the full model's; the old-policy pass and the update both evaluate it."""
         return None
 
-    def prepare_rollout(self, batch: RolloutBatch) -> None:
-        """Called once per rollout after the advantages, before any update. A loss that trains
-        under transformed logits sets ``batch.logit_scale`` (and pi_old under it) here."""
 
     def prepare(self, batch: RolloutBatch) -> None:
         """Mini-batch-scope statistics, computed once before the micro-batch loop."""

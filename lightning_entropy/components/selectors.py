@@ -11,6 +11,7 @@ order), so they are deterministic and independent of how the batch is split.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,11 +30,13 @@ from lightning_entropy.components.common import (
 from lightning_entropy.registry import register
 
 SCOPES = ("minibatch", "micro")
+# selectors whose statistic the official code takes over the training batch, before mini-batching
+ROLLOUT_SCOPES = ("step", "minibatch")
 
 
-def check_scope(scope: str) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+def check_scope(scope: str, scopes: tuple[str, ...] = SCOPES) -> str:
+    if scope not in scopes:
+        raise ValueError(f"scope must be one of {scopes}, got {scope!r}")
     return scope
 
 
@@ -329,26 +332,44 @@ def _record_clip(metrics: dict[str, Any], keep: Tensor, batch: RolloutBatch) -> 
     metrics["clipped_neg_frac"] = n[0] / n[1].clamp_min(1)
 
 
+class _RolloutScoped(TokenSelector):
+    """A selector whose official statistic spans the whole training batch: ``scope: step`` (default)
+    fixes the weights once per rollout over every rank's rows; ``minibatch`` per mini-batch."""
+
+    def prepare_rollout(self, batch: RolloutBatch) -> None:
+        if self.scope == "step":
+            batch.step_weights = self.select(batch)
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        if self.scope == "step" and batch.step_weights is not None:
+            return batch.step_weights
+        return self.select(batch)
+
+    @abstractmethod
+    def select(self, batch: RolloutBatch) -> Tensor: ...
+
+
 @register("selector", "clip_b")
-class ClipBTokens(TokenSelector):
+class ClipBTokens(_RolloutScoped):
     """Clip_B entropy-discriminator clipping (batch baseline), arXiv 2602.03392 (Trinity-RFT
     ``ClipBAdvantageFn``): S_t = p_t (H_t + log p_t) from the old policy; with mean and population
     std of S over the valid tokens, a token with A_t < 0 is dropped iff S_t - mean(S) < -mu std(S);
     A_t >= 0 is always kept; std < 1e-12 keeps everything. mu = 2.5 (clipb.yaml).
 
     Dropped tokens get weight 0, so they also leave the token-mean denominator (the official code
-    zeroes response_mask). The statistics are pooled over the mini-batch and every rank; the
-    official code takes them over the whole training batch, i.e. set ``algo.mini_batch_size`` to
-    the rollout size to match. The official p_t comes from the rollout engine's log-probs, here from
-    the recomputed pi_old (equal on-policy).
+    zeroes response_mask). ``scope: step`` (default) takes the statistics over the whole rollout of
+    every rank, as the official advantage function does before mini-batching; ``minibatch`` over
+    each mini-batch. The official p_t comes from the rollout engine's log-probs, here from the
+    recomputed pi_old (equal on-policy).
     """
 
-    def __init__(self, *, mu: float = 2.5) -> None:
+    def __init__(self, *, mu: float = 2.5, scope: str = "step") -> None:
         if not mu > 0:
             raise ValueError(f"mu must be > 0, got {mu!r}")
         self.mu = float(mu)
+        self.scope = check_scope(scope, ROLLOUT_SCOPES)
 
-    def __call__(self, batch: RolloutBatch) -> Tensor:
+    def select(self, batch: RolloutBatch) -> Tensor:
         mask = batch.response_mask.bool()
         s = entropy_discriminator(batch)
         mean, std = pooled_mean_std(s, mask)
@@ -361,7 +382,7 @@ class ClipBTokens(TokenSelector):
 
 
 @register("selector", "clip_v")
-class ClipVTokens(TokenSelector):
+class ClipVTokens(_RolloutScoped):
     """Clip_V entropy-discriminator clipping (vocabulary baseline), arXiv 2602.03392 (Trinity-RFT
     ``ClipVAdvantageFn``, ``compute_N_from_logits``): D_t = N_t - S_t with S_t = p_t (H_t + log p_t)
     and N_t = E_{v~pi_old}[S_v] = H_t sum_v p_v^2 + sum_v p_v^2 log p_v (full vocabulary, old pass).
@@ -372,18 +393,20 @@ class ClipVTokens(TokenSelector):
     while zero-advantage tokens that fail the test still go (the code's behaviour).
     Defaults mu = 8.5 (clipv.yaml / default_args; the constructor default is 2.0), max_frac = 1e-4.
 
-    Dropped tokens leave the token-mean denominator. Statistics are pooled over the mini-batch and
-    every rank (official: the whole training batch; set ``algo.mini_batch_size`` to the rollout size).
+    Dropped tokens leave the token-mean denominator. ``scope: step`` (default) takes the statistics
+    and the cap over the whole rollout of every rank (the official training batch); ``minibatch``
+    over each mini-batch.
     """
 
     requires = frozenset({"discriminator_baseline"})
 
-    def __init__(self, *, mu: float = 8.5, max_frac: float = 1e-4) -> None:
+    def __init__(self, *, mu: float = 8.5, max_frac: float = 1e-4, scope: str = "step") -> None:
         if not mu > 0:
             raise ValueError(f"mu must be > 0, got {mu!r}")
         self.mu, self.max_frac = float(mu), check_fraction("max_frac", max_frac)
+        self.scope = check_scope(scope, ROLLOUT_SCOPES)
 
-    def __call__(self, batch: RolloutBatch) -> Tensor:
+    def select(self, batch: RolloutBatch) -> Tensor:
         if batch.discriminator_baseline is None:
             raise ValueError(
                 "clip_v reads batch.discriminator_baseline, which the old-policy pass did not fill"

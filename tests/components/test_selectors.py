@@ -203,6 +203,7 @@ def test_steer_linear_and_degenerate_cases():
         (ClipBTokens, {"mu": 0.0}),
         (ClipVTokens, {"mu": -1.0}),
         (ClipVTokens, {"max_frac": 0.0}),
+        (ClipBTokens, {"scope": "micro"}),
     ],
 )
 def test_bad_hyperparameters_name_the_parameter(cls, kwargs):
@@ -217,7 +218,7 @@ def test_every_selector_runs_with_defaults(name):
     for w in (sel(batch), sel.micro(batch, batch.entropy * 1.1)):
         assert w.shape == batch.response_mask.shape and torch.isfinite(w).all()
         assert torch.all(w >= 0) and torch.all(w[batch.response_mask == 0] == 0)
-    assert sel.scope in ("minibatch", "micro")
+    assert sel.scope in ("minibatch", "micro", "step")
 
 
 @pytest.mark.parametrize(
@@ -394,3 +395,21 @@ def test_clip_v_needs_the_old_pass_baseline():
     assert "discriminator_baseline" in ClipVTokens.requires
     with pytest.raises(ValueError, match="discriminator_baseline"):
         ClipVTokens()(batch)
+
+
+def test_clip_b_step_scope_fixes_the_rollout_statistics_for_every_mini_batch():
+    # over the whole rollout (8 valid tokens) the outlier's z / std is -sqrt(7) = -2.65 < -2.5: dropped.
+    # Row 0 alone (5 tokens: four S = 0, one S = -c): mean -c/5, population std 2c/5, z / std = -2:
+    # a per-mini-batch statistic would keep it.
+    batch = clip_batch(8, [5, 3], {(0, 2): -1.0}, [[-1.0] * 8, [-1.0] * 8])
+    step = ClipBTokens(mu=2.5)  # scope: step (default), as the official advantage function
+    assert step.scope == "step"
+    step.prepare_rollout(batch)
+    assert batch.step_weights[0].tolist() == [1, 1, 0, 1, 1, 0, 0, 0]
+    mini = batch.index([0])  # what the update hands the selector: the mini-batch's rows
+    assert step(mini).tolist() == [[1, 1, 0, 1, 1, 0, 0, 0]]
+    assert ClipBTokens(mu=2.5, scope="minibatch")(mini).tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
+    # minibatch scope never writes the rollout's weights
+    fresh = clip_batch(8, [5, 3], {(0, 2): -1.0}, [[-1.0] * 8, [-1.0] * 8])
+    ClipVTokens(scope="minibatch").prepare_rollout(fresh)
+    assert fresh.step_weights is None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +320,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     except RegistryError as err:
         raise ConfigError(str(err)) from err
     _check_estimator_fields(cfg, comps)
+    _check_policy_layer(cfg, comps["loss"])
     agg = cfg.loss.get("agg", "token-mean")
     if agg not in AGG_MODES:
         raise ConfigError(f"loss.agg: '{agg}' is not one of {', '.join(AGG_MODES)}")
@@ -415,6 +418,26 @@ def _check_estimator_fields(cfg: DictConfig, comps: dict[str, Any]) -> None:
                 f"{section}.name={cfg[section].name} reads {', '.join(missing)}, which advantage.name="
                 f"{cfg.advantage.name} does not provide; advantages that do: {', '.join(able) or 'none'}"
             )
+
+
+def _check_policy_layer(cfg: DictConfig, loss: Any) -> None:
+    """A loss training a layer's internal policy (BuPO) names a layer the policy has."""
+    from lightning_entropy.models import BUILTIN_PREFIX
+
+    view = loss.policy_view()
+    if view is None or view.layer is None:
+        return
+    name = str(cfg.model.name_or_path)
+    n = None
+    if name.startswith(BUILTIN_PREFIX):
+        n = int(cfg.model.tiny.num_layers)
+    elif (Path(os.path.expanduser(name)) / "config.json").is_file():
+        meta = json.loads((Path(os.path.expanduser(name)) / "config.json").read_text())
+        n = meta.get("num_hidden_layers", meta.get("n_layer"))
+    if n is not None and not view.layer < n:
+        raise ConfigError(
+            f"loss.layer={view.layer}: model.name_or_path={name} has {n} decoder layers (0-based: 0..{n - 1})"
+        )
 
 
 # estimators whose baseline compares responses to the same prompt (degenerate with one per group)

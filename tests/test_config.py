@@ -134,3 +134,20 @@ def test_a_loss_reading_a_second_advantage_needs_an_estimator_that_writes_it(tmp
     )
     assert not any(tmp_path.iterdir())
     validate(load_config(None, ["loss.name=copo", "advantage.name=copo"]))
+
+
+def test_bupo_layer_beyond_the_policy_fails_before_anything_runs(tmp_path, capsys):
+    args = ["fit", "loss.name=bupo", "loss.layer=4", "model.tiny.num_layers=4", f"logging.root={tmp_path}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: loss.layer=4: model.name_or_path=builtin:tiny has 4 decoder layers (0-based: 0..3)"
+    assert not any(tmp_path.iterdir())
+    # a local checkpoint: its config.json says how many layers it has
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "qwen2", "num_hidden_layers": 2}')
+    cfg = load_config(None, ["loss.name=bupo", "loss.layer=2", f"model.name_or_path={ckpt}"])
+    with pytest.raises(ConfigError, match=r"loss.layer=2: .* has 2 decoder layers"):
+        validate(cfg)
+    validate(load_config(None, ["loss.name=bupo", "loss.layer=3"]))  # the default tiny policy: 4 layers
+    validate(load_config(None, ["loss.name=bupo", "loss.layer=9", "loss.bottom_up_steps=0"]))  # never used

@@ -325,6 +325,10 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     group_size = cfg.sampler.get("group_size", 1)
     if not isinstance(group_size, int) or group_size < 1:
         raise ConfigError(f"sampler.group_size: must be an integer >= 1, got {group_size!r}")
+    try:
+        comps["sampler"].check_group_size(group_size)
+    except ValueError as err:
+        raise ConfigError(f"sampler.group_size={group_size} with sampler '{cfg.sampler.name}': {err}") from err
     if group_size == 1 and cfg.advantage.name in GROUP_BASELINES:
         raise ConfigError(
             f"sampler.group_size=1 with advantage '{cfg.advantage.name}': a group baseline needs at least "

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from lightning_entropy.batch import RolloutBatch
 from lightning_entropy.components.base import Sampler
@@ -104,16 +108,53 @@ class HFSampler(Sampler):
     ) -> RolloutBatch:
         from lightning_entropy.prompts import encode_prompts
 
-        temperature = overrides.get("temperature", self.temperature)
         device = next(model.parameters()).device
         ids, mask = encode_prompts(tokenizer, prompts)
         prompt_ids = ids.to(device).repeat_interleave(group_size, 0)
         prompt_mask = mask.to(device).repeat_interleave(group_size, 0)
+        response_ids, response_mask, truncated = self.sample(
+            model,
+            tokenizer,
+            prompt_ids,
+            prompt_mask,
+            overrides.get("temperature", self.temperature),
+            overrides.get("max_new_tokens", self.max_new_tokens),
+        )
+        group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        info = [{"prompt": prompts[i // group_size], "completion": texts[i]} for i in range(len(texts))]
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            group_ids=group_ids,
+            truncated=truncated,
+            info=info,
+        )
+
+    def logits_processors(self, temperature: float) -> tuple[float, list[LogitsProcessor]]:
+        """Hook for per-token sampling rules: (the temperature ``generate`` applies itself, processors
+        run on the raw logits before it and before top-k/top-p). Plain sampling: (temperature, [])."""
+        return temperature, []
+
+    def sample(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        temperature: float,
+        max_new_tokens: int,
+        extra_processors: list[LogitsProcessor] = (),
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One response per left-padded input row: (response ids padded with the pad id, response
+        mask, truncated). ``extra_processors`` see the raw logits first (e.g. entropy recorders)."""
         stops = stop_ids(model, tokenizer, self.stop_token_ids)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
         greedy = temperature == 0
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=overrides.get("max_new_tokens", self.max_new_tokens),
+            max_new_tokens=max_new_tokens,
             do_sample=not greedy,
             pad_token_id=pad,
             eos_token_id=stops,
@@ -127,8 +168,13 @@ class HFSampler(Sampler):
             epsilon_cutoff=0.0,
             eta_cutoff=0.0,
         )
+        processors = list(extra_processors)
         if not greedy:
+            temperature, own = self.logits_processors(temperature)
+            processors += own
             kwargs.update(temperature=temperature, top_p=self.top_p, top_k=self.top_k, min_p=0.0)
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         if self.stop:
             kwargs.update(stop_strings=self.stop, tokenizer=tokenizer)
         was_training = model.training
@@ -149,15 +195,328 @@ class HFSampler(Sampler):
                     response_mask[row, n:] = 0
                     truncated[row] = False
         response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad))
-        group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+        return response_ids, response_mask, truncated
+
+
+# ---- entropy-aware sampling ------------------------------------------------------------------
+
+
+def next_token_entropy(logits: Tensor) -> Tensor:
+    """Shannon entropy (nats) of softmax(logits) over the last dimension, in float32."""
+    return torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
+
+
+class TokenEntropyProcessor(LogitsProcessor):
+    """Per decode step: the entropy of each row's next-token distribution at ``scale`` (kept in
+    ``entropies``, one [B] per step), and, given ``rule`` (entropy [B] -> temperature [B]), the
+    logits divided by that row's temperature (kept in ``temperatures``). Vectorised over rows and
+    vocabulary; the decode loop of ``generate`` is the only loop."""
+
+    def __init__(self, rule: Callable[[Tensor], Tensor] | None = None, scale: float = 1.0) -> None:
+        self.rule, self.scale = rule, scale
+        self.entropies: list[Tensor] = []
+        self.temperatures: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        h = next_token_entropy(scores / self.scale)
+        self.entropies.append(h)
+        if self.rule is None:
+            return scores
+        t = self.rule(h)
+        self.temperatures.append(t)
+        return scores / t[:, None].to(scores.dtype)
+
+    def stacked(self, values: list[Tensor], width: int) -> Tensor:
+        """[B, width] from the per-step values (generate may stop before ``width`` steps)."""
+        x = torch.stack(values, dim=1) if values else torch.zeros(0, 0)
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+class _TokenTemperatureSampler(HFSampler):
+    """An ``hf`` sampler whose temperature is set per token from the next-token entropy H of the
+    raw logits (temperature 1, before top-k/top-p). Training log-probs stay at ``temperature`` (or
+    ``algo.temperature``): the rollout is off-policy by design, as in the papers."""
+
+    def rule(self, entropy: Tensor, temperature: float) -> Tensor:
+        raise NotImplementedError
+
+    def logits_processors(self, temperature: float) -> tuple[float, list[LogitsProcessor]]:
+        self._last = TokenEntropyProcessor(rule=lambda h: self.rule(h, temperature))
+        return 1.0, [self._last]  # the processor applies the whole temperature
+
+    def sample(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+        self._last = None
+        ids, mask, truncated = super().sample(*args, **kwargs)
+        if self._last is not None and self._last.temperatures:
+            t = self._last.stacked(self._last.temperatures, mask.shape[1])
+            m = mask.bool()
+            self.metrics["temperature_mean"] = float(t[m].mean()) if m.any() else 0.0
+            self.metrics["temperature_min"] = float(t[m].min()) if m.any() else 0.0
+        return ids, mask, truncated
+
+
+@register("sampler", "edt")
+class EDTSampler(_TokenTemperatureSampler):
+    """EDT, entropy-based dynamic temperature, arXiv 2403.14541 (METHODS §5.1, §8.7):
+    T_t = T0 * n_base^(theta / H_t) per token, H_t the entropy of the raw next-token distribution.
+
+    T0 is ``temperature``. n_base = 0.8 is the paper's fixed value [3RD summary; UNVERIFIED from the
+    paper itself]; T0 and theta are tuned per task in the paper and their values were not found:
+    theta = 1.5 (and T0 = 1.0) come from a third-party implementation. With n_base < 1, T_t <= T0 and
+    T_t -> 0 as H_t -> 0; ``min_temperature`` (this framework's guard, not the paper's) keeps
+    T_t >= 0.01, which samples greedily in effect. ``temperature: 0`` is plain greedy decoding.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_base: float = 0.8,
+        theta: float = 1.5,
+        min_temperature: float = 0.01,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 16,
+        stop_token_ids: list[int] | None = None,
+        stop: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, stop=stop,
+        )  # fmt: skip
+        if n_base <= 0 or theta < 0 or min_temperature <= 0:
+            raise ValueError(
+                f"need n_base > 0, theta >= 0, min_temperature > 0; got {n_base}, {theta}, {min_temperature}"
+            )
+        self.n_base, self.theta, self.min_temperature = n_base, theta, min_temperature
+
+    def rule(self, entropy: Tensor, temperature: float) -> Tensor:
+        # log space: H = 0 gives theta / 1e-12 * log(n_base) = -huge -> T = 0 -> the floor
+        log_t = math.log(temperature) + self.theta / entropy.clamp_min(1e-12) * math.log(self.n_base)
+        return torch.exp(log_t).clamp_min(self.min_temperature)
+
+
+@register("sampler", "hapo_temp")
+class HAPOTempSampler(_TokenTemperatureSampler):
+    """HAPO adaptive temperature, arXiv 2509.16591 (METHODS §5.2; starriver030515/HAPO@7671dde,
+    ``vllm/v1/sample/sampler.py``): T_t = T (1 + tau h_t), h_t = clamp(scale((log max(H_t, 1e-6) - m)
+    / (s + 1e-6)), -1, 1), H_t the entropy of the raw logits.
+
+    m (the ``entropy_pivot`` quantile of log H), s (RMS about m) and the positive / negative scales
+    come from the previous RL step's token entropies of pi_old (HAPO's ``norm_entropys``, taken from
+    the old-log-prob pass over the whole batch and all ranks). The first step, with no statistics,
+    samples at T. Intended map: h / max(h+) above the pivot, h / |min h| below, so low-entropy
+    tokens are cooled. ``code_sign_quirk=True`` reproduces the code, whose negative scale 1 / min h
+    makes every h >= 0 (every token is heated). Defaults: the qwen3_8b script (tau 0.05, pivot 0.8, T 1).
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float = 0.05,
+        entropy_pivot: float = 0.8,
+        code_sign_quirk: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 16,
+        stop_token_ids: list[int] | None = None,
+        stop: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, stop=stop,
+        )  # fmt: skip
+        if tau < 0 or not 0.0 <= entropy_pivot <= 1.0:
+            raise ValueError(f"need tau >= 0 and entropy_pivot in [0, 1]; got {tau}, {entropy_pivot}")
+        self.tau, self.entropy_pivot, self.code_sign_quirk = tau, entropy_pivot, code_sign_quirk
+        self.stats: tuple[float, float, float, float] | None = None  # (m, s, max h+, min h-)
+
+    def observe(self, batch: RolloutBatch) -> None:
+        from lightning_entropy.components.losses import entropy_norm_stats
+
+        self.stats = entropy_norm_stats(batch.entropy, batch.response_mask, self.entropy_pivot, pooled=True)
+
+    def rule(self, entropy: Tensor, temperature: float) -> Tensor:
+        if self.stats is None:
+            return torch.full_like(entropy, temperature)
+        m, s, pos_max, neg_min = self.stats
+        h = (torch.log(entropy.clamp_min(1e-6)) - m) / (s + 1e-6)
+        neg_scale = 1.0 / neg_min if self.code_sign_quirk else -1.0 / neg_min
+        h_hat = torch.where(h > 0, h / pos_max, h * neg_scale).clamp(-1.0, 1.0)
+        return temperature * (1.0 + self.tau * h_hat)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": None if self.stats is None else list(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        stats = state.get("stats")
+        self.stats = None if stats is None else tuple(float(x) for x in stats)
+
+
+# ---- tree rollouts ---------------------------------------------------------------------------
+
+
+def fork_positions(entropy: Tensor, mask: Tensor, forks: int) -> Tensor:
+    """[R, forks]: each row's ``forks`` highest-entropy response positions, highest first; ties go to
+    the earlier position. A row with fewer tokens than ``forks`` repeats its top position."""
+    score = torch.where(mask.bool(), entropy.float(), -math.inf)
+    score = torch.nn.functional.pad(score, (0, max(0, forks - score.shape[1])), value=-math.inf)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :forks]
+    valid = torch.gather(score, 1, order) > -math.inf
+    return torch.where(valid, order, order[:, :1])
+
+
+def _left_pack(ids: Tensor, keep: Tensor, pad: int) -> tuple[Tensor, Tensor]:
+    """Move each row's kept tokens to the right end, in order (left padding), and drop the columns
+    that are padding in every row."""
+    order = torch.sort(keep.long(), dim=1, stable=True).indices
+    mask = torch.gather(keep.long(), 1, order)
+    packed = torch.where(mask.bool(), torch.gather(ids, 1, order), pad)
+    width = max(int(mask.sum(1).max()), 1)
+    return packed[:, -width:], mask[:, -width:]
+
+
+@register("sampler", "etmr")
+class ETMRSampler(HFSampler):
+    """ETTRL's entropy-fork tree rollout (ETMR), arXiv 2508.11356 (METHODS §8.3) [3RD, no code]:
+    per prompt, M = group_size / (1 + branches * forks) trees, each one full sample whose ``forks``
+    highest-entropy positions t are forks; at each, ``branches`` new responses keep the shared prefix
+    o_<t and resample from t to the end (budget max_new_tokens). All M (1 + B N) leaves of a
+    prompt (roots included) are one group, so the reward's majority vote and the advantage see them
+    together. Notes' setting: M 12, N 2, B 2 (60 leaves at ~60 % of flat sampling's tokens).
+
+    Fork entropy: the sampling distribution's (logits / ``temperature``, before top-k/top-p), from
+    the decode loop. Not in the notes, so choices here: forks do not branch recursively, any response
+    position may fork (the last ones included), a root shorter than ``forks`` repeats its top fork.
+    Logged: ``generated_tokens`` (root tokens + the branches' new tokens), ``flat_tokens`` (the
+    leaves' lengths: what sampling as many responses independently generates) and ``token_ratio``.
+    ``independent=True`` (validation) and greedy decoding draw flat samples instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        forks: int = 2,
+        branches: int = 2,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 16,
+        stop_token_ids: list[int] | None = None,
+        stop: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, stop=stop,
+        )  # fmt: skip
+        if forks < 1 or branches < 1:
+            raise ValueError(f"forks and branches must be >= 1, got {forks}, {branches}")
+        self.forks, self.branches = forks, branches
+
+    @property
+    def leaves_per_tree(self) -> int:
+        return 1 + self.branches * self.forks
+
+    def check_group_size(self, group_size: int) -> None:
+        if group_size % self.leaves_per_tree:
+            raise ValueError(
+                f"a tree has 1 + branches x forks = {self.leaves_per_tree} leaves and group_size must be "
+                f"a multiple of it (trees per prompt = group_size / {self.leaves_per_tree})"
+            )
+
+    @torch.no_grad()
+    def generate(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any
+    ) -> RolloutBatch:
+        temperature = overrides.get("temperature", self.temperature)
+        if overrides.get("independent") or temperature == 0:
+            return super().generate(model, tokenizer, prompts, group_size, **overrides)
+        self.check_group_size(group_size)
+        from lightning_entropy.prompts import encode_prompts
+
+        max_new = overrides.get("max_new_tokens", self.max_new_tokens)
+        trees, per_root = group_size // self.leaves_per_tree, self.branches * self.forks
+        device = next(model.parameters()).device
+        ids, mask = encode_prompts(tokenizer, prompts)
+        prompt_ids, prompt_mask = (
+            ids.to(device).repeat_interleave(trees, 0),
+            mask.to(device).repeat_interleave(trees, 0),
+        )
+        recorder = TokenEntropyProcessor(scale=temperature)
+        root_ids, root_mask, root_trunc = self.sample(
+            model, tokenizer, prompt_ids, prompt_mask, temperature, max_new, [recorder]
+        )
+        width = root_ids.shape[1]
+        forks = fork_positions(recorder.stacked(recorder.entropies, width), root_mask, self.forks)
+        # branch k of root r: fork forks[r, k // B]; input = prompt + root[:t]
+        r = torch.arange(root_ids.shape[0], device=device).repeat_interleave(per_root)
+        t = forks.repeat_interleave(self.branches, dim=1).reshape(-1)
+        stops = stop_ids(model, tokenizer, self.stop_token_ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+        keep = torch.cat([prompt_mask[r].bool(), torch.arange(width, device=device)[None] < t[:, None]], 1)
+        in_ids, in_mask = _left_pack(torch.cat([prompt_ids[r], root_ids[r]], 1), keep, pad)
+        budget = max_new - t
+        cont_ids, cont_mask, cont_trunc = self.sample(
+            model, tokenizer, in_ids, in_mask, temperature, int(budget.max())
+        )
+        # a branch generated past its own budget (the batch ran to the largest) ends at the budget
+        cont_len = cont_mask.sum(1)
+        br_trunc = cont_trunc | (cont_len > budget)
+        cont_len = torch.minimum(cont_len, budget)
+        br_len = t + cont_len
+        pos = torch.arange(int(br_len.max()), device=device)[None]
+        from_cont = torch.gather(cont_ids, 1, (pos - t[:, None]).clamp(0, cont_ids.shape[1] - 1))
+        from_root = torch.nn.functional.pad(root_ids[r], (0, max(0, pos.shape[1] - width)), value=pad)
+        br_ids = torch.where(pos < t[:, None], from_root[:, : pos.shape[1]], from_cont)
+        br_mask = (pos < br_len[:, None]).long()
+        if self.stop:  # a stop string may begin in the prefix and end in the continuation
+            for row, length in enumerate(br_len.tolist()):
+                n = _stop_string_end(tokenizer, br_ids[row, :length].tolist(), self.stop)
+                if n is not None:
+                    br_mask[row, n:] = 0
+                    br_trunc[row] = False
+            cont_len = torch.minimum(cont_len, (br_mask.sum(1) - t).clamp_min(0))
+        br_ids = torch.where(br_mask.bool(), br_ids, pad)
+        # rows: per prompt, per tree: the root, then its branches (fork by fork)
+        T = max(width, br_ids.shape[1])
+        all_ids = torch.cat([_pad_right(root_ids, T, pad), _pad_right(br_ids, T, pad)])
+        all_mask = torch.cat([_pad_right(root_mask, T, 0), _pad_right(br_mask, T, 0)])
+        n_roots = root_ids.shape[0]
+        roots = torch.arange(n_roots, device=device)[:, None]
+        order = torch.cat(
+            [roots, n_roots + roots * per_root + torch.arange(per_root, device=device)], 1
+        ).reshape(-1)
+        response_ids, response_mask = all_ids[order], all_mask[order]
+        truncated = torch.cat([root_trunc, br_trunc])[order]
+        fork_at = torch.cat([torch.full((n_roots,), -1, device=device), t])[order].tolist()
+        generated = root_mask.sum() + cont_len.sum()
+        flat = response_mask.sum()
+        self.metrics.update(
+            generated_tokens=float(generated),
+            flat_tokens=float(flat),
+            token_ratio=float(generated / flat.clamp_min(1)),
+        )
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        info = [{"prompt": prompts[i // group_size], "completion": texts[i]} for i in range(len(texts))]
+        info = [
+            {
+                "prompt": prompts[i // group_size],
+                "completion": texts[i],
+                "tree": (i % group_size) // self.leaves_per_tree,
+                "fork_at": f,
+            }
+            for i, f in enumerate(fork_at)
+        ]
         return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
+            prompt_ids=ids.to(device).repeat_interleave(group_size, 0),
+            prompt_mask=mask.to(device).repeat_interleave(group_size, 0),
             response_ids=response_ids,
             response_mask=response_mask,
-            group_ids=group_ids,
+            group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
             truncated=truncated,
             info=info,
         )
+
+
+def _pad_right(x: Tensor, width: int, value: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)

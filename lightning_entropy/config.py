@@ -328,7 +328,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     try:
         comps["sampler"].check_group_size(group_size)
     except ValueError as err:
-        raise ConfigError(f"sampler.group_size={group_size} with sampler '{cfg.sampler.name}': {err}") from err
+        raise ConfigError(
+            f"sampler.group_size={group_size} with sampler '{cfg.sampler.name}': {err}"
+        ) from err
     if group_size == 1 and cfg.advantage.name in GROUP_BASELINES:
         raise ConfigError(
             f"sampler.group_size=1 with advantage '{cfg.advantage.name}': a group baseline needs at least "
@@ -451,6 +453,11 @@ def _validate_data(cfg: DictConfig) -> None:
             value = d[key]
             if value is not None and not str(value).startswith("hf:") and not Path(value).exists():
                 raise ConfigError(f"data.{key}: file not found: {value}")
+        if d.answer_key is None and str(cfg.model.name_or_path).startswith("builtin:"):
+            raise ConfigError(
+                f"data.answer_key=null: the built-in policy ({cfg.model.name_or_path}) warm-starts on the "
+                f"prompt/answer pairs of data.path={d.path}; point model.name_or_path at a trained policy"
+            )
         if options:
             raise ConfigError(
                 f"data.options={options}: task options apply to built-in tasks (data.task) only, and "

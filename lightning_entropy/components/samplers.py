@@ -257,8 +257,8 @@ class _TokenTemperatureSampler(HFSampler):
 
 @register("sampler", "edt")
 class EDTSampler(_TokenTemperatureSampler):
-    """EDT, entropy-based dynamic temperature, arXiv 2403.14541 (METHODS §5.1, §8.7):
-    T_t = T0 * n_base^(theta / H_t) per token, H_t the entropy of the raw next-token distribution.
+    """EDT, entropy-based dynamic temperature, arXiv 2403.14541 [3RD; theta UNVERIFIED] (METHODS §5.1,
+    §8.7): T_t = T0 * n_base^(theta / H_t) per token, H_t the entropy of the raw next-token distribution.
 
     T0 is ``temperature``. n_base = 0.8 is the paper's fixed value [3RD summary; UNVERIFIED from the
     paper itself]; T0 and theta are tuned per task in the paper and their values were not found:

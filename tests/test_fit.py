@@ -233,3 +233,19 @@ def test_ttrl_flow_on_unlabeled_prompts(tmp_path, tiny_cache, capsys):
     assert "val/acc" not in series  # no references: nothing to validate against
     batch = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["lightning_entropy"]
     assert batch["rl_step"] == 2
+
+
+def test_hapo_temp_samples_at_t_first_then_adapts_to_the_previous_step(tmp_path, tiny_cache):
+    run = fit(
+        tmp_path,
+        "hapo",
+        "trainer.max_steps=3",
+        "logging.ckpt_every=1",
+        config=ROOT / "configs" / "hapo_temp.yaml",
+    )
+    temps = dict(read_metrics(run)["rollout/temperature_mean"])
+    assert temps[0] == 1.0  # no statistics before the first update
+    assert temps[1] != 1.0 and temps[2] != 1.0 and 0.95 <= temps[1] <= 1.05
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["lightning_entropy"]
+    m, s, pos_max, neg_min = state["components"]["sampler"]["stats"]
+    assert s > 0 and pos_max > 0 > neg_min

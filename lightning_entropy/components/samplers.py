@@ -367,14 +367,42 @@ def fork_positions(entropy: Tensor, mask: Tensor, forks: int) -> Tensor:
     return torch.where(valid, order, order[:, :1])
 
 
-def _left_pack(ids: Tensor, keep: Tensor, pad: int) -> tuple[Tensor, Tensor]:
-    """Move each row's kept tokens to the right end, in order (left padding), and drop the columns
-    that are padding in every row."""
-    order = torch.sort(keep.long(), dim=1, stable=True).indices
-    mask = torch.gather(keep.long(), 1, order)
-    packed = torch.where(mask.bool(), torch.gather(ids, 1, order), pad)
+def branch_inputs(
+    prompt_ids: Tensor, prompt_mask: Tensor, root_ids: Tensor, forks: Tensor, branches: int, pad: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Inputs of every branch: ``branches`` per fork of each root, in root-major, fork-major order.
+    Returns (root row of each branch, its fork t, left-padded prompt + root[:t] ids, their mask)."""
+    per_root = forks.shape[1] * branches
+    r = torch.arange(root_ids.shape[0], device=root_ids.device).repeat_interleave(per_root)
+    t = forks.repeat_interleave(branches, dim=1).reshape(-1)
+    prefix = torch.arange(root_ids.shape[1], device=root_ids.device)[None] < t[:, None]
+    keep = torch.cat([prompt_mask[r].bool(), prefix], 1).long()
+    # a stable sort of the keep flags moves each row's kept tokens right, in order: left padding
+    order = torch.sort(keep, dim=1, stable=True).indices
+    mask = torch.gather(keep, 1, order)
+    ids = torch.where(mask.bool(), torch.gather(torch.cat([prompt_ids[r], root_ids[r]], 1), 1, order), pad)
     width = max(int(mask.sum(1).max()), 1)
-    return packed[:, -width:], mask[:, -width:]
+    return r, t, ids[:, -width:], mask[:, -width:]
+
+
+def splice(
+    prefix_ids: Tensor, t: Tensor, cont_ids: Tensor, cont_len: Tensor, pad: int
+) -> tuple[Tensor, Tensor]:
+    """Leaves = prefix_ids[:t] followed by cont_ids[:cont_len], right-padded: (ids, mask)."""
+    length = t + cont_len
+    pos = torch.arange(max(int(length.max()), 1), device=t.device)[None]
+    from_cont = torch.gather(cont_ids, 1, (pos - t[:, None]).clamp(0, cont_ids.shape[1] - 1))
+    from_prefix = _pad_right(prefix_ids, max(pos.shape[1], prefix_ids.shape[1]), pad)[:, : pos.shape[1]]
+    mask = (pos < length[:, None]).long()
+    ids = torch.where(pos < t[:, None], from_prefix, from_cont)
+    return torch.where(mask.bool(), ids, pad), mask
+
+
+def tree_order(n_roots: int, per_root: int, device: torch.device | None = None) -> Tensor:
+    """Row order of [roots; branches (root-major)] that puts each root before its own branches."""
+    roots = torch.arange(n_roots, device=device)[:, None]
+    branches = n_roots + roots * per_root + torch.arange(per_root, device=device)
+    return torch.cat([roots, branches], 1).reshape(-1)
 
 
 @register("sampler", "etmr")
@@ -433,89 +461,78 @@ class ETMRSampler(HFSampler):
         if overrides.get("independent") or temperature == 0:
             return super().generate(model, tokenizer, prompts, group_size, **overrides)
         self.check_group_size(group_size)
-        from lightning_entropy.prompts import encode_prompts
-
+        self._recorder = TokenEntropyProcessor(scale=temperature)
+        try:  # the roots: M flat samples per prompt, recording each decode step's entropy
+            roots = super().generate(
+                model, tokenizer, prompts, group_size // self.leaves_per_tree, **overrides
+            )
+            entropy = self._recorder.stacked(self._recorder.entropies, roots.response_ids.shape[1])
+        finally:
+            self._recorder = None
         max_new = overrides.get("max_new_tokens", self.max_new_tokens)
-        trees, per_root = group_size // self.leaves_per_tree, self.branches * self.forks
-        device = next(model.parameters()).device
-        ids, mask = encode_prompts(tokenizer, prompts)
-        prompt_ids, prompt_mask = (
-            ids.to(device).repeat_interleave(trees, 0),
-            mask.to(device).repeat_interleave(trees, 0),
+        return self.grow(model, tokenizer, roots, entropy, temperature, max_new)
+
+    def logits_processors(self, temperature: float) -> tuple[float, list[LogitsProcessor]]:
+        temperature, own = super().logits_processors(temperature)
+        return temperature, own + ([self._recorder] if getattr(self, "_recorder", None) else [])
+
+    def grow(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        roots: RolloutBatch,
+        entropy: Tensor,
+        temperature: float,
+        max_new: int,
+    ) -> RolloutBatch:
+        """Branch every root at its top-entropy positions; returns each root followed by its branches."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids(model, tokenizer)[0]
+        forks = fork_positions(entropy, roots.response_mask, self.forks)
+        r, t, in_ids, in_mask = branch_inputs(
+            roots.prompt_ids, roots.prompt_mask, roots.response_ids, forks, self.branches, pad
         )
-        recorder = TokenEntropyProcessor(scale=temperature)
-        root_ids, root_mask, root_trunc = self.sample(
-            model, tokenizer, prompt_ids, prompt_mask, temperature, max_new, [recorder]
-        )
-        width = root_ids.shape[1]
-        forks = fork_positions(recorder.stacked(recorder.entropies, width), root_mask, self.forks)
-        # branch k of root r: fork forks[r, k // B]; input = prompt + root[:t]
-        r = torch.arange(root_ids.shape[0], device=device).repeat_interleave(per_root)
-        t = forks.repeat_interleave(self.branches, dim=1).reshape(-1)
-        stops = stop_ids(model, tokenizer, self.stop_token_ids)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-        keep = torch.cat([prompt_mask[r].bool(), torch.arange(width, device=device)[None] < t[:, None]], 1)
-        in_ids, in_mask = _left_pack(torch.cat([prompt_ids[r], root_ids[r]], 1), keep, pad)
         budget = max_new - t
         cont_ids, cont_mask, cont_trunc = self.sample(
             model, tokenizer, in_ids, in_mask, temperature, int(budget.max())
         )
-        # a branch generated past its own budget (the batch ran to the largest) ends at the budget
-        cont_len = cont_mask.sum(1)
-        br_trunc = cont_trunc | (cont_len > budget)
-        cont_len = torch.minimum(cont_len, budget)
-        br_len = t + cont_len
-        pos = torch.arange(int(br_len.max()), device=device)[None]
-        from_cont = torch.gather(cont_ids, 1, (pos - t[:, None]).clamp(0, cont_ids.shape[1] - 1))
-        from_root = torch.nn.functional.pad(root_ids[r], (0, max(0, pos.shape[1] - width)), value=pad)
-        br_ids = torch.where(pos < t[:, None], from_root[:, : pos.shape[1]], from_cont)
-        br_mask = (pos < br_len[:, None]).long()
+        # a branch sampled past its own budget (the batch runs to the largest) ends at the budget
+        cont_len = torch.minimum(cont_mask.sum(1), budget)
+        truncated = cont_trunc | (cont_mask.sum(1) > budget)
+        ids, mask = splice(roots.response_ids[r], t, cont_ids, cont_len, pad)
         if self.stop:  # a stop string may begin in the prefix and end in the continuation
-            for row, length in enumerate(br_len.tolist()):
-                n = _stop_string_end(tokenizer, br_ids[row, :length].tolist(), self.stop)
+            for row, length in enumerate(mask.sum(1).tolist()):
+                n = _stop_string_end(tokenizer, ids[row, :length].tolist(), self.stop)
                 if n is not None:
-                    br_mask[row, n:] = 0
-                    br_trunc[row] = False
-            cont_len = torch.minimum(cont_len, (br_mask.sum(1) - t).clamp_min(0))
-        br_ids = torch.where(br_mask.bool(), br_ids, pad)
-        # rows: per prompt, per tree: the root, then its branches (fork by fork)
-        T = max(width, br_ids.shape[1])
-        all_ids = torch.cat([_pad_right(root_ids, T, pad), _pad_right(br_ids, T, pad)])
-        all_mask = torch.cat([_pad_right(root_mask, T, 0), _pad_right(br_mask, T, 0)])
-        n_roots = root_ids.shape[0]
-        roots = torch.arange(n_roots, device=device)[:, None]
-        order = torch.cat(
-            [roots, n_roots + roots * per_root + torch.arange(per_root, device=device)], 1
-        ).reshape(-1)
-        response_ids, response_mask = all_ids[order], all_mask[order]
-        truncated = torch.cat([root_trunc, br_trunc])[order]
-        fork_at = torch.cat([torch.full((n_roots,), -1, device=device), t])[order].tolist()
-        generated = root_mask.sum() + cont_len.sum()
-        flat = response_mask.sum()
+                    mask[row, n:] = 0
+                    truncated[row] = False
+            ids = torch.where(mask.bool(), ids, pad)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        trees = roots.size // int(torch.unique(roots.group_ids).numel())
+        for i, info in enumerate(roots.info):
+            info.update(tree=i % trees, fork_at=-1)
+        info = [
+            {**roots.info[i], "completion": c, "fork_at": f} for i, c, f in zip(r.tolist(), texts, t.tolist())
+        ]
+        branches = RolloutBatch(
+            prompt_ids=roots.prompt_ids[r],
+            prompt_mask=roots.prompt_mask[r],
+            response_ids=ids,
+            response_mask=mask,
+            group_ids=roots.group_ids[r],
+            truncated=truncated,
+            info=info,
+        )
+        generated = roots.lengths.sum() + (mask.sum(1) - t).clamp_min(0).sum()
+        leaves = RolloutBatch.cat([roots, branches], pad_id=pad).index(
+            tree_order(roots.size, r.numel() // roots.size)
+        )
+        flat = leaves.lengths.sum()
         self.metrics.update(
             generated_tokens=float(generated),
             flat_tokens=float(flat),
             token_ratio=float(generated / flat.clamp_min(1)),
         )
-        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        info = [
-            {
-                "prompt": prompts[i // group_size],
-                "completion": texts[i],
-                "tree": (i % group_size) // self.leaves_per_tree,
-                "fork_at": f,
-            }
-            for i, f in enumerate(fork_at)
-        ]
-        return RolloutBatch(
-            prompt_ids=ids.to(device).repeat_interleave(group_size, 0),
-            prompt_mask=mask.to(device).repeat_interleave(group_size, 0),
-            response_ids=response_ids,
-            response_mask=response_mask,
-            group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
-            truncated=truncated,
-            info=info,
-        )
+        return leaves
 
 
 def _pad_right(x: Tensor, width: int, value: int) -> Tensor:

@@ -14,8 +14,11 @@ import lightning_entropy  # noqa: F401  (registers the built-in components)
 from lightning_entropy.batch import RolloutBatch
 from lightning_entropy.components.samplers import (
     TokenEntropyProcessor,
+    branch_inputs,
     fork_positions,
     next_token_entropy,
+    splice,
+    tree_order,
 )
 from lightning_entropy.models import build_char_tokenizer, build_tiny_model
 from lightning_entropy.prompts import encode_prompts
@@ -195,6 +198,23 @@ def test_fork_positions_top_n_with_ties_padding_and_short_rows() -> None:
     assert fork_positions(ent, mask, 1).tolist() == [[1], [0], [0]]
     # more forks than columns: the missing ones repeat the top position
     assert fork_positions(ent[:, :2], mask[:, :2], 3).tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+
+
+def test_branch_inputs_splice_and_tree_order_by_hand() -> None:
+    # two roots, one fork each (t = 1 and t = 2), two branches per fork; prompt 0 is left-padded
+    prompt_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    root_ids = torch.tensor([[11, 12, 13], [21, 22, 0]])
+    r, t, ids, mask = branch_inputs(prompt_ids, prompt_mask, root_ids, torch.tensor([[1], [2]]), 2, pad=0)
+    assert r.tolist() == [0, 0, 1, 1] and t.tolist() == [1, 1, 2, 2]
+    assert ids.tolist() == [[0, 0, 5, 6, 11]] * 2 + [[7, 8, 9, 21, 22]] * 2
+    assert mask.tolist() == [[0, 0, 1, 1, 1]] * 2 + [[1] * 5] * 2
+    cont = torch.tensor([[31, 32], [33, 99], [34, 99], [35, 36]])  # 99: sampled past the kept length
+    leaves, leaf_mask = splice(root_ids[r], t, cont, torch.tensor([2, 1, 1, 2]), pad=0)
+    assert leaves.tolist() == [[11, 31, 32, 0], [11, 33, 0, 0], [21, 22, 34, 0], [21, 22, 35, 36]]
+    assert leaf_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    # rows [root 0, root 1, its 2 x 2 branches]: each root is followed by its own branches
+    assert tree_order(2, 2).tolist() == [0, 2, 3, 1, 4, 5]
 
 
 SCALES = [0.3, 0.6, 2.0, 4.0, 0.5, 1.5, 3.0, 0.8, 2.5, 1.2, 2.2, 1.7, 0.4, 3.5, 1.0, 2.8]

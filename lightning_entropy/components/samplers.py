@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -226,7 +227,8 @@ class TokenEntropyProcessor(LogitsProcessor):
         self.temperatures.append(t)
         return scores / t[:, None].to(scores.dtype)
 
-    def stacked(self, values: list[Tensor], width: int) -> Tensor:
+    @staticmethod
+    def stacked(values: list[Tensor], width: int) -> Tensor:
         """[B, width] from the per-step values (generate may stop before ``width`` steps)."""
         x = torch.stack(values, dim=1) if values else torch.zeros(0, 0)
         return torch.nn.functional.pad(x, (0, width - x.shape[1]))
@@ -237,8 +239,9 @@ class _TokenTemperatureSampler(HFSampler):
     raw logits (temperature 1, before top-k/top-p). Training log-probs stay at ``temperature`` (or
     ``algo.temperature``): the rollout is off-policy by design, as in the papers."""
 
+    @abstractmethod
     def rule(self, entropy: Tensor, temperature: float) -> Tensor:
-        raise NotImplementedError
+        """Per-row temperatures [B] from the raw next-token entropies [B] at base ``temperature``."""
 
     def logits_processors(self, temperature: float) -> tuple[float, list[LogitsProcessor]]:
         self._last = TokenEntropyProcessor(rule=lambda h: self.rule(h, temperature))
@@ -284,9 +287,9 @@ class EDTSampler(_TokenTemperatureSampler):
             temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
             stop_token_ids=stop_token_ids, stop=stop,
         )  # fmt: skip
-        if n_base <= 0 or theta < 0 or min_temperature <= 0:
+        if not 0 < n_base <= 1 or theta < 0 or min_temperature <= 0:
             raise ValueError(
-                f"need n_base > 0, theta >= 0, min_temperature > 0; got {n_base}, {theta}, {min_temperature}"
+                f"need 0 < n_base <= 1, theta >= 0, min_temperature > 0; got {n_base}, {theta}, {min_temperature}"
             )
         self.n_base, self.theta, self.min_temperature = n_base, theta, min_temperature
 

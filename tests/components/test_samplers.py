@@ -180,6 +180,9 @@ def test_hapo_state_roundtrips_and_refuses_bad_values() -> None:
     for kwargs in ({"tau": -0.1}, {"entropy_pivot": 1.5}):
         with pytest.raises(RegistryError):
             build("hapo_temp", **kwargs)
+    for kwargs in ({"n_base": 1.2}, {"n_base": 0.0}, {"theta": -1.0}, {"min_temperature": 0.0}):
+        with pytest.raises(RegistryError):
+            build("edt", **kwargs)
 
 
 # ---- ETMR tree rollouts ----------------------------------------------------------------------

@@ -155,15 +155,29 @@ class NanFirst(ExactMatchReward):
 
 
 def fit_with_plugin(plugin, tmp_path, name, *extra):
-    assert main(["fit", "--import", str(plugin), *TINY, f"logging.root={tmp_path}", f"logging.name={name}", *extra]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--import",
+                str(plugin),
+                *TINY,
+                f"logging.root={tmp_path}",
+                f"logging.name={name}",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return tmp_path / name
 
 
 def test_nan_reward_costs_one_sample_not_the_run(tmp_path, tiny_cache):
     plugin = tmp_path / "nan_reward.py"
     plugin.write_text(NAN_REWARD)
-    run = fit_with_plugin(plugin, tmp_path, "nan", "trainer.max_steps=2", "logging.ckpt_every=1",
-                          "reward.name=nan_first")
+    run = fit_with_plugin(
+        plugin, tmp_path, "nan", "trainer.max_steps=2", "logging.ckpt_every=1", "reward.name=nan_first"
+    )
     series = read_metrics(run)
     assert [v for _, v in series["rollout/nonfinite_rewards"]] == [1.0, 1.0]
     for key in ("train/reward", "train/pg_loss", "train/grad_norm"):
@@ -173,8 +187,15 @@ def test_nan_reward_costs_one_sample_not_the_run(tmp_path, tiny_cache):
 
 
 def test_dapo_dynamic_sampling_and_overlong_shaping_run(tmp_path, tiny_cache):
-    run = fit(tmp_path, "dapo", "trainer.max_steps=2", "algo.dynamic_sampling=true", "algo.max_sampling_rounds=2",
-              "algo.overlong_buffer=2", "algo.overlong_filter=true")
+    run = fit(
+        tmp_path,
+        "dapo",
+        "trainer.max_steps=2",
+        "algo.dynamic_sampling=true",
+        "algo.max_sampling_rounds=2",
+        "algo.overlong_buffer=2",
+        "algo.overlong_filter=true",
+    )
     series = read_metrics(run)
     assert [v for _, v in series["rollout/sampling_rounds"]][0] in (1.0, 2.0)
     assert "rollout/filled_groups" in series and "time/generate" in series
@@ -184,5 +205,6 @@ def test_non_finite_reward_in_strict_mode_stops_with_the_sample_named(tmp_path, 
     plugin = tmp_path / "nan_reward.py"
     plugin.write_text(NAN_REWARD)
     with pytest.raises(RuntimeError, match="reward 'nan_first' returned nan for sample 0"):
-        fit_with_plugin(plugin, tmp_path, "strict", "trainer.max_steps=1", "reward.name=nan_first",
-                        "reward.strict=true")
+        fit_with_plugin(
+            plugin, tmp_path, "strict", "trainer.max_steps=1", "reward.name=nan_first", "reward.strict=true"
+        )

@@ -48,6 +48,7 @@ class Component(ABC):
 
 class Sampler(Component):
     needs_old_pass: ClassVar[bool] = False
+
     @abstractmethod
     def generate(
         self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any

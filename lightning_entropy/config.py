@@ -194,16 +194,12 @@ def load_config(
 ) -> DictConfig:
     """Default <- YAML file <- dot-list overrides, type-checked against the structured schema."""
     cfg = OmegaConf.structured(Config)
-    layers = []
+    layers: list[Any] = []
+    sources: list[str] = []
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            layers.append(OmegaConf.load(p))
-        except Exception as err:  # YAML syntax errors carry the line number
-            raise ConfigError(f"{p}: cannot parse YAML: {err}") from err
-        _check_top_level(p, layers[-1])
+        for file, layer in _file_layers(Path(path), ()):
+            layers.append(layer)
+            sources.append(str(file))
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' is not of the form key=value (e.g. optim.lr=1e-4)")
@@ -229,7 +225,7 @@ def load_config(
                     f"e.g. \"{key}='{raw}'\""
                 )
     for i, layer in enumerate(layers):
-        where = str(path) if (path is not None and i == 0) else "command-line override"
+        where = sources[i] if i < len(sources) else "command-line override"
         # a component swapped by name drops the old one's hyperparameters
         for section in COMPONENT_SECTIONS:
             new = layer.get(section) if isinstance(layer, DictConfig) else None
@@ -250,6 +246,31 @@ def load_config(
     return cfg
 
 
+def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, DictConfig]]:
+    """The file's ``base:`` configs (a path or a list, relative to the file), recursively, then the
+    file itself without the key: a recipe names the setting it builds on, and changes only its method."""
+    if not path.is_file():
+        named = f" (base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{named}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{chain[-1]}: base: {path} includes itself ({' -> '.join(map(str, chain))})")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors carry the line number
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from err
+    _check_top_level(path, layer)
+    bases = layer.pop("base", None)
+    if bases is None:
+        return [(path, layer)]
+    bases = [bases] if isinstance(bases, str) else list(bases) if OmegaConf.is_list(bases) else bases
+    if not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
+        raise ConfigError(f"{path}: base: must be a config file path or a list of them, got {bases!r}")
+    out: list[tuple[Path, DictConfig]] = []
+    for base in bases:
+        out += _file_layers(path.parent / base, (*chain, path.resolve()))
+    return [*out, (path, layer)]
+
+
 def _switch_data_source(cfg: DictConfig, layer: Any) -> None:
     """Task options belong to the task, as hyperparameters belong to a component: a layer that sets
     ``data.path`` (or names another ``data.task``) starts from no options and, for a path, no task;
@@ -266,6 +287,7 @@ def _switch_data_source(cfg: DictConfig, layer: Any) -> None:
         cfg.data.options = {}
     if "options" in new:
         cfg.data.options = {}
+
 
 def _check_top_level(path: Path, layer: Any) -> None:
     """A config file is a mapping of sections; a list or a scalar at the top is a mistake."""

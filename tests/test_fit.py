@@ -163,15 +163,29 @@ class NanFirst(ExactMatchReward):
 
 
 def fit_with_plugin(plugin, tmp_path, name, *extra):
-    assert main(["fit", "--import", str(plugin), *TINY, f"logging.root={tmp_path}", f"logging.name={name}", *extra]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--import",
+                str(plugin),
+                *TINY,
+                f"logging.root={tmp_path}",
+                f"logging.name={name}",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return tmp_path / name
 
 
 def test_nan_reward_costs_one_sample_not_the_run(tmp_path, tiny_cache):
     plugin = tmp_path / "nan_reward.py"
     plugin.write_text(NAN_REWARD)
-    run = fit_with_plugin(plugin, tmp_path, "nan", "trainer.max_steps=2", "logging.ckpt_every=1",
-                          "reward.name=nan_first")
+    run = fit_with_plugin(
+        plugin, tmp_path, "nan", "trainer.max_steps=2", "logging.ckpt_every=1", "reward.name=nan_first"
+    )
     series = read_metrics(run)
     assert [v for _, v in series["rollout/nonfinite_rewards"]] == [1.0, 1.0]
     for key in ("train/reward", "train/pg_loss", "train/grad_norm"):
@@ -181,8 +195,15 @@ def test_nan_reward_costs_one_sample_not_the_run(tmp_path, tiny_cache):
 
 
 def test_dapo_dynamic_sampling_and_overlong_shaping_run(tmp_path, tiny_cache):
-    run = fit(tmp_path, "dapo", "trainer.max_steps=2", "algo.dynamic_sampling=true", "algo.max_sampling_rounds=2",
-              "algo.overlong_buffer=2", "algo.overlong_filter=true")
+    run = fit(
+        tmp_path,
+        "dapo",
+        "trainer.max_steps=2",
+        "algo.dynamic_sampling=true",
+        "algo.max_sampling_rounds=2",
+        "algo.overlong_buffer=2",
+        "algo.overlong_filter=true",
+    )
     series = read_metrics(run)
     assert [v for _, v in series["rollout/sampling_rounds"]][0] in (1.0, 2.0)
     assert "rollout/filled_groups" in series and "time/generate" in series
@@ -192,13 +213,14 @@ def test_non_finite_reward_in_strict_mode_stops_with_the_sample_named(tmp_path, 
     plugin = tmp_path / "nan_reward.py"
     plugin.write_text(NAN_REWARD)
     with pytest.raises(RuntimeError, match="reward 'nan_first' returned nan for sample 0"):
-        fit_with_plugin(plugin, tmp_path, "strict", "trainer.max_steps=1", "reward.name=nan_first",
-                        "reward.strict=true")
+        fit_with_plugin(
+            plugin, tmp_path, "strict", "trainer.max_steps=1", "reward.name=nan_first", "reward.strict=true"
+        )
 
 
 def test_ttrl_flow_on_unlabeled_prompts(tmp_path, tiny_cache, capsys):
     """ETTRL end to end from a file of prompts without answers: ETMR trees, majority-vote pseudo-labels
-    over each prompt's leaves, EAR advantages; HAPO-free, no reference is read for training."""
+    over each prompt's leaves, EAR advantages; no reference is read for training."""
     import json
 
     from lightning_entropy.tasks import make_task
@@ -231,8 +253,8 @@ def test_ttrl_flow_on_unlabeled_prompts(tmp_path, tiny_cache, capsys):
     assert all(0 < r < 1 for r in ratios), ratios
     assert "adv/ear/y" in series and "rollout/answer_rate" in series
     assert "val/acc" not in series  # no references: nothing to validate against
-    batch = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["lightning_entropy"]
-    assert batch["rl_step"] == 2
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["lightning_entropy"]
+    assert state["rl_step"] == 2
 
 
 def test_hapo_temp_samples_at_t_first_then_adapts_to_the_previous_step(tmp_path, tiny_cache):

@@ -97,7 +97,7 @@ def cmd_components(args: Any) -> int:
         for name in reg.names():
             cls = reg.get(name)
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            if "[UNVERIFIED]" in (cls.__doc__ or "") and "[UNVERIFIED]" not in doc:
+            if "UNVERIFIED" in (cls.__doc__ or "") and "UNVERIFIED" not in doc:
                 doc += " [UNVERIFIED values: see the docstring]"
             params = ", ".join(f"{p.name}={p.default!r}" for p in reg.params(name))
             print(f"  {name:<24} {doc}")

@@ -23,7 +23,7 @@ class Entry:
     name: str
     papers: tuple[str, ...]  # arXiv ids in the order the docstring cites them; the first is the method's
     summary: str  # the docstring's first paragraph, shortened to SUMMARY_CHARS
-    unverified: bool  # the docstring marks a value or formula [UNVERIFIED]
+    unverified: bool  # the docstring marks a value or formula UNVERIFIED ([UNVERIFIED], "theta UNVERIFIED")
 
 
 def entries() -> list[Entry]:
@@ -35,7 +35,7 @@ def entries() -> list[Entry]:
         for name in reg.names():
             doc = reg.get(name).__doc__ or ""
             papers = tuple(dict.fromkeys(ARXIV.findall(doc)))
-            out.append(Entry(family, name, papers, summary(doc), "[UNVERIFIED]" in doc))
+            out.append(Entry(family, name, papers, summary(doc), "UNVERIFIED" in doc))
     return out
 
 

@@ -50,7 +50,11 @@ class RolloutStage:
 
     # ---- sampling and scoring ----------------------------------------------------------------
     def sample(
-        self, policy: torch.nn.Module, examples: list[Any], group_offset: int, timer: PhaseTimer,
+        self,
+        policy: torch.nn.Module,
+        examples: list[Any],
+        group_offset: int,
+        timer: PhaseTimer,
         temperature: float | None = None,
     ) -> RolloutBatch:
         """``group_size`` responses per example, scored by a text reward (if the reward is one)."""
@@ -101,7 +105,9 @@ class RolloutStage:
         dropped = len(spare)
         groups = (kept + spare)[:want]
         self.c["sampler"].metrics.update(
-            sampling_rounds=float(rounds), dropped_groups=float(dropped), filled_groups=float(max(0, want - len(kept)))
+            sampling_rounds=float(rounds),
+            dropped_groups=float(dropped),
+            filled_groups=float(max(0, want - len(kept))),
         )
         return RolloutBatch.cat(groups, pad_id=self.tokenizer.pad_token_id or 0)
 
@@ -231,7 +237,7 @@ def evaluate(
     greedy = sampler.generate(policy, tokenizer, prompts, 1, temperature=0.0)
     score(greedy, refs, reward)
     bank.update("val/acc", correct(greedy), kind=ScalarMean)
-    drawn = sampler.generate(policy, tokenizer, prompts, samples, temperature=temperature)
+    drawn = sampler.generate(policy, tokenizer, prompts, samples, temperature=temperature, independent=True)
     score(drawn, [refs[i // samples] for i in range(drawn.size)], reward)
     bank.update("val/", correct(drawn).bool(), drawn.group_ids.cpu(), kind=pass_k)
 

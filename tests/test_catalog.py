@@ -56,6 +56,7 @@ def test_papers_come_from_the_docstrings_and_unverified_stays_visible():
     assert by_name["advantage", "copo"].papers == ("2508.04138",)
     assert by_name["selector", "all"].papers == ()
     assert by_name["advantage", "entropy_adv"].unverified and not by_name["advantage", "grpo"].unverified
+    assert by_name["sampler", "edt"].unverified  # "[3RD; theta UNVERIFIED]" counts too
     table = catalog.markdown_table()
     row = next(line for line in table.splitlines() if "`entropy_adv`" in line)
     assert "[UNVERIFIED]" in row and "[2506.14758](https://arxiv.org/abs/2506.14758)" in row

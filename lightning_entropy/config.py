@@ -184,6 +184,10 @@ FRAMEWORK_KEYS = {
     # strict: a reward that raises or returns NaN/inf stops the run (else that sample scores 0)
     "reward": ("name", "strict"),
 }  # keys of a component section that are not hyperparameters
+# Hyperparameters that belong to the setting (the task's generation budget and stops), not to the
+# method: a layer that swaps the sampler keeps them wherever the new sampler accepts them, so a recipe
+# that changes the sampler (edt, etmr) still generates what its base config's task needs.
+SETTING_KEYS = {"sampler": ("max_new_tokens", "stop_token_ids", "stop")}
 
 
 def component_kwargs(section: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +241,11 @@ def load_config(
                     for k in FRAMEWORK_KEYS.get(section, ())
                     if k != "name" and k in cfg[section]
                 }
+                keep.update(
+                    (k, cfg[section][k])
+                    for k in SETTING_KEYS.get(section, ())
+                    if k in cfg[section] and _accepts(section, str(new["name"]), k)
+                )
                 cfg[section] = {"name": new["name"], **keep}
         _switch_data_source(cfg, layer)
         try:
@@ -246,6 +255,15 @@ def load_config(
     if imports:
         cfg.imports = list(cfg.imports) + list(imports)
     return cfg
+
+
+def _accepts(section: str, name: str, key: str) -> bool:
+    """Whether component ``name`` takes hyperparameter ``key``; a name not (yet) registered, such as
+    a user component imported later, is given the benefit of the doubt (validation checks it)."""
+    registry = FAMILIES[section]
+    if name not in registry:
+        return True
+    return any(p.name == key for p in registry.params(name))
 
 
 def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, DictConfig]]:

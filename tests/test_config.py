@@ -52,6 +52,14 @@ def test_base_configs_load_first_and_a_method_swap_drops_the_base_hyperparameter
     validate(cfg)
 
 
+def test_a_sampler_swap_keeps_the_settings_generation_budget_not_its_sampling_method(tmp_path):
+    (tmp_path / "bed.yaml").write_text("sampler: {max_new_tokens: 32, temperature: 0.7, stop: [';']}\n")
+    (tmp_path / "m.yaml").write_text("base: bed.yaml\nsampler: {name: edt}\n")
+    cfg = load_config(tmp_path / "m.yaml")
+    assert dict(cfg.sampler) == {"name": "edt", "group_size": 8, "max_new_tokens": 32, "stop": [";"]}
+    validate(cfg)
+
+
 @pytest.mark.parametrize(
     "files, match",
     [

@@ -76,6 +76,7 @@ class RolloutBatch:
     # Written by an advantage estimator that lists them in ``provides`` (COPO), read by a loss that
     # lists them in ``requires``: a second advantage and each response's weight on the first one.
     global_advantages: Tensor | None = None  # [B, T]
+    blend_weights: Tensor | None = None  # [B] in [0, 1]: loss = w L(advantages) + (1 - w) L(global)
     # A loss that trains under transformed logits z' = s z (ERA): log pi_old at each of its
     # ``logit_scales`` [B, T, S] from the old-policy pass, and the per-token s it fixes after the
     # advantages (``PolicyLoss.prepare_rollout``), which the update's forward then applies.
@@ -84,7 +85,6 @@ class RolloutBatch:
     # The distribution the log-probs of this batch are taken under, when not the full model's
     # (BuPO's layer policy, ERA's top-k); set from the loss's ``policy_view()`` before the old pass.
     policy_view: PolicyView | None = None
-    blend_weights: Tensor | None = None  # [B] in [0, 1]: loss = w L(advantages) + (1 - w) L(global)
     info: list[dict[str, Any]] = field(default_factory=list)
     agg_norm: AggNorm | None = None
 

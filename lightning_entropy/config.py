@@ -225,7 +225,8 @@ def load_config(
             key, raw = ov.split("=", 1)
             if "${" in raw:  # an interpolation resolves against the whole config, later
                 continue
-            if raw.strip().lower() not in ("", "null", "~") and OmegaConf.select(layers[-1], key) is None:
+            # each override parsed on its own: a later `key=null` must not be blamed on an earlier `key=16`
+            if raw.strip().lower() not in ("", "null", "~") and OmegaConf.select(OmegaConf.from_dotlist([ov]), key) is None:
                 raise ConfigError(
                     f"override '{ov}': the value parses as YAML null (a '#' starts a comment); quote it, "
                     f"e.g. \"{key}='{raw}'\""

@@ -96,10 +96,7 @@ class PolicyForward:
             return None, lp, ent
         logits = self.logits(model, b)
         lp, ent = ops.logprobs_and_entropy(
-            logits,
-            b.response_ids,
-            temperature=temperature,
-            chunk_size=self.chunk_size,
+            logits, b.response_ids, temperature=temperature, chunk_size=self.chunk_size,
             entropy_grad=entropy_grad,
         )
         if topk is not None:
@@ -165,11 +162,8 @@ class PolicyForward:
                 del logits
             if ref_policy is not None:
                 rl, _ = ops.logprobs_and_entropy(
-                    self.logits(ref_policy, mb),
-                    mb.response_ids,
-                    temperature=self.temperature,
-                    compute_entropy=False,
-                    chunk_size=self.chunk_size,
+                    self.logits(ref_policy, mb), mb.response_ids, temperature=self.temperature,
+                    compute_entropy=False, chunk_size=self.chunk_size,
                 )
                 cols.setdefault("ref_logprobs", []).append(rl)
         policy.train(was)

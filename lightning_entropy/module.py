@@ -51,11 +51,7 @@ class RLVRModule(L.LightningModule):
         self.last_step_stats: dict[str, float] = {}
         self.last_validation: dict[str, float] = {}
         self.val_reward = self._val_reward()
-        temperature = (
-            a.temperature
-            if a.temperature is not None
-            else float(getattr(c["sampler"], "temperature", 1.0) or 1.0)
-        )
+        temperature = a.temperature if a.temperature is not None else float(getattr(c["sampler"], "temperature", 1.0) or 1.0)
         self.forward_cfg = PolicyForward(temperature, a.chunk_size, a.logits_from_hidden, a.micro_batch_size)
         max_new = int(getattr(c["sampler"], "max_new_tokens", 0) or 0)
         self.rollout_stage = R.RolloutStage(
@@ -88,9 +84,7 @@ class RLVRModule(L.LightningModule):
     # ---- model and optimizer ---------------------------------------------------------------
     @property
     def uses_ref(self) -> bool:
-        return self.cfg.algo.kl_coef > 0 or any(
-            "ref_logprobs" in c.requires for c in self.components.values()
-        )
+        return self.cfg.algo.kl_coef > 0 or any("ref_logprobs" in c.requires for c in self.components.values())
 
     @property
     def rollout_size(self) -> int:
@@ -128,9 +122,7 @@ class RLVRModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt, sched = build_optimizer(
-            params, self.cfg.optim, self.cfg.trainer.max_steps * self.updates_per_step
-        )
+        opt, sched = build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps * self.updates_per_step)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _val_reward(self) -> Any:
@@ -216,15 +208,8 @@ class RLVRModule(L.LightningModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed * 1_000_003 + self.rl_step)
             R.evaluate(
-                self.components["sampler"],
-                self.policy,
-                self.tokenizer,
-                examples,
-                self.val_reward,
-                lg.val_samples,
-                lg.val_temperature,
-                self.val_stats,
-                partial(PassAtK, ks=list(lg.pass_k)),
+                self.components["sampler"], self.policy, self.tokenizer, examples, self.val_reward,
+                lg.val_samples, lg.val_temperature, self.val_stats, partial(PassAtK, ks=list(lg.pass_k)),
             )
 
     def validation_step(self, data: dict[str, Any], batch_idx: int) -> None:
@@ -257,9 +242,7 @@ class RLVRModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         bad = [n for n, p in self.policy.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never leave a poisoned checkpoint to resume from
-            raise RuntimeError(
-                f"refusing to write a checkpoint: {len(bad)} policy tensors are non-finite ({bad[0]}, ...)"
-            )
+            raise RuntimeError(f"refusing to write a checkpoint: {len(bad)} policy tensors are non-finite ({bad[0]}, ...)")
         checkpoint["lightning_entropy"] = {
             "rl_step": self.rl_step,
             "health": self.health.state_dict(),

@@ -50,11 +50,7 @@ class RolloutStage:
 
     # ---- sampling and scoring ----------------------------------------------------------------
     def sample(
-        self,
-        policy: torch.nn.Module,
-        examples: list[Any],
-        group_offset: int,
-        timer: PhaseTimer,
+        self, policy: torch.nn.Module, examples: list[Any], group_offset: int, timer: PhaseTimer,
         temperature: float | None = None,
     ) -> RolloutBatch:
         """``group_size`` responses per example, scored by a text reward (if the reward is one)."""
@@ -105,9 +101,7 @@ class RolloutStage:
         dropped = len(spare)
         groups = (kept + spare)[:want]
         self.c["sampler"].metrics.update(
-            sampling_rounds=float(rounds),
-            dropped_groups=float(dropped),
-            filled_groups=float(max(0, want - len(kept))),
+            sampling_rounds=float(rounds), dropped_groups=float(dropped), filled_groups=float(max(0, want - len(kept)))
         )
         return RolloutBatch.cat(groups, pad_id=self.tokenizer.pad_token_id or 0)
 

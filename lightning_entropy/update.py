@@ -28,19 +28,14 @@ class UpdateSchedule:
     shuffle: bool = False
     seed: int = 0
 
-    def minibatches(
-        self, batch: RolloutBatch, rollout_size: int, step: int
-    ) -> list[tuple[Tensor, RolloutBatch]]:
+    def minibatches(self, batch: RolloutBatch, rollout_size: int, step: int) -> list[tuple[Tensor, RolloutBatch]]:
         """(row indices, sub-batch) of this rank's rows for each optimizer step of one epoch."""
         per_rank = (self.mini_batch_size or rollout_size) // world_size()
         order = torch.arange(batch.size)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100003 + step)
             order = torch.randperm(batch.size, generator=g)
-        return [
-            (order[i : i + per_rank], batch.index(order[i : i + per_rank]))
-            for i in range(0, batch.size, per_rank)
-        ]
+        return [(order[i : i + per_rank], batch.index(order[i : i + per_rank])) for i in range(0, batch.size, per_rank)]
 
 
 class PolicyUpdate:
@@ -63,11 +58,7 @@ class PolicyUpdate:
         grad_clip: float | None = None,
         drop_truncated: bool = False,
     ) -> None:
-        self.loss, self.regularizer, self.selector = (
-            components["loss"],
-            components["regularizer"],
-            components["selector"],
-        )
+        self.loss, self.regularizer, self.selector = components["loss"], components["regularizer"], components["selector"]
         self.forward, self.schedule = forward, schedule
         self.agg_mode, self.const = agg_mode, const
         self.kl_coef, self.kl_type, self.grad_clip = kl_coef, kl_type, grad_clip

@@ -77,6 +77,12 @@ def test_bad_base_names_the_file(tmp_path, files, match):
         load_config(tmp_path / "a.yaml")
 
 
+def test_a_later_null_override_wins_over_an_earlier_value():
+    assert load_config(None, ["algo.mini_batch_size=16", "algo.mini_batch_size=null"]).algo.mini_batch_size is None
+    with pytest.raises(ConfigError, match="override 'data.answer_regex=#### .*parses as YAML null"):
+        load_config(None, ["data.answer_regex=#### (.+)"])
+
+
 def test_unknown_component_name_names_key_and_closest(tmp_path):
     cfg = load_config(None, ["advantage.name=grpoo"])
     with pytest.raises(

@@ -407,11 +407,7 @@ class _LiveBuffers(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {
-            a.untyped_storage().data_ptr()
-            for a in tree_flatten((args, kwargs))[0]
-            if isinstance(a, torch.Tensor)
-        }
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 n = t.untyped_storage().nbytes()
@@ -431,9 +427,7 @@ def test_backward_keeps_at_most_two_fp32_chunks_beside_the_logits_gradient(dtype
     chunk_bytes = C * V * 4
     mode = _LiveBuffers(min_bytes=chunk_bytes // 4)
     with mode:
-        lp, h = ops.logprobs_and_entropy(
-            logits, targets, chunk_size=C, entropy_grad=entropy_grad, temperature=0.7
-        )
+        lp, h = ops.logprobs_and_entropy(logits, targets, chunk_size=C, entropy_grad=entropy_grad, temperature=0.7)
         (lp.sum() + (h.sum() if entropy_grad else 0)).backward()
     grad_bytes = logits.numel() * logits.element_size()
     assert mode.peak <= grad_bytes + 2 * chunk_bytes, (mode.peak - grad_bytes) / chunk_bytes

@@ -139,7 +139,7 @@ def test_every_shipped_config_runs_two_steps(tmp_path, tiny_cache, config):
     ids=["bupo", "copo", "era", "clip_v"],
 )
 def test_new_methods_log_what_they_do(tmp_path, tiny_cache, config, extra, expect):
-    run = fit(tmp_path, config, "trainer.max_steps=2", *extra, config=ROOT / "configs" / f"{config}.yaml")
+    run = fit(tmp_path, config, *SHIPPED, *extra, config=ROOT / "configs" / f"{config}.yaml")
     series = read_metrics(run)
     for key, values in expect.items():
         assert key in series, key

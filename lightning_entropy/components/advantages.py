@@ -948,7 +948,9 @@ class COPOAdvantage(AdvantageEstimator):
     mean reward; c_q = 1 - lam H_q, lam = (1 - 1/n)/log2 n, with ``entropy_coef``, else 1), then
     A_glob = (g_q - mean g)/(std g + eps) over every prompt of the step (all ranks; unbiased std; 0
     when all g are equal or there is one prompt), the same for every response of q. H_q (bits) is
-    the entropy of q's exact-string answer clusters (the reward's ``extracted`` answer, "" if none).
+    the entropy of q's exact-string answer clusters ("" when none): ``extractor: reward`` takes the
+    reward's ``extracted`` answer (the official code's reward-function answer); auto / boxed /
+    number / text extract it from the completion (Countdown: ``number``, its final result).
     Blend weight on the local loss w = sigmoid(k (H_q - b)), gated by ``mode``: soft-with-zero
     (w 1[r_i != 0], the script's), only-soft, soft-with-forced (w 1[A_loc != 0]), only-forced,
     only-zero, only-global (w = 0), no-global (w = 1). Defaults: run_copo.sh (k 5, b 1,
@@ -965,8 +967,16 @@ class COPOAdvantage(AdvantageEstimator):
         b: float = 1.0,
         mode: str = "soft-with-zero",
         entropy_coef: bool = False,
+        extractor: str = "reward",
         eps: float = 1e-6,
     ) -> None:
+        from lightning_entropy.components.rewards import EXTRACTORS
+
+        if extractor not in ("reward", *EXTRACTORS[:-1]):
+            raise ValueError(
+                f"extractor must be one of reward, {', '.join(EXTRACTORS[:-1])}, got {extractor!r}"
+            )
+        self.extractor = extractor
         if mode not in COPO_MODES:
             raise ValueError(f"mode must be one of {', '.join(COPO_MODES)}, got {mode!r}")
         if eps <= 0:
@@ -977,7 +987,7 @@ class COPOAdvantage(AdvantageEstimator):
         r = batch.rewards.double()
         mean, std = group_mean_std(r, batch.group_ids)
         local = (r - mean) / (std + self.eps)
-        answers = [i.get("extracted") or "" for i in (batch.info or [{}] * batch.size)]
+        answers = [self.answer(i) for i in (batch.info or [{}] * batch.size)]
         h = answer_entropy_bits(answers, batch.group_ids)
         n = group_count(batch.group_ids, dtype=torch.float64)
         g = group_sum(r, batch.group_ids) / n
@@ -1008,6 +1018,13 @@ class COPOAdvantage(AdvantageEstimator):
         batch.blend_weights = gate.float()
         self.metrics.update(answer_entropy=h.float(), blend_weight=gate.float(), global_adv=glob.float())
         return broadcast_to_tokens(local, batch.response_mask)
+
+    def answer(self, info: dict[str, Any]) -> str:
+        from lightning_entropy.components.rewards import extract_answer
+
+        if self.extractor == "reward":
+            return info.get("extracted") or ""
+        return extract_answer(info.get("completion"), self.extractor) or ""
 
 
 @register("advantage", "ear")

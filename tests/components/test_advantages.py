@@ -975,3 +975,22 @@ def test_ear_adv_clip_and_base() -> None:
     )
     with pytest.raises(ValueError, match="batch.entropy"):
         build("ear")(batch)
+
+
+def test_copo_answers_from_the_completion_with_an_extractor() -> None:
+    # Countdown-style completions: the reward's extracted expressions all differ (H = 2 bits), while
+    # their final results (extractor: number) agree on three of four: clusters (3, 1),
+    # H = -(3/4 log2 3/4 + 1/4 log2 1/4) = 0.811278 bits
+    completions = ["3+4=7,7*3=21", "4*3=12,12+9=21", "9+9=18,18+3=21", "1+1=2"]
+    batch = copo_batch([1, 1, 1, 0], [0] * 4, ["3+4*3", "4*3+9", "9+9+3", "1+1"])
+    for info, c in zip(batch.info, completions):
+        info["completion"] = c
+    est = build("copo")
+    est(batch)
+    assert est.metrics["answer_entropy"].tolist() == [2.0] * 4
+    est = build("copo", extractor="number")
+    est(batch)
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert est.metrics["answer_entropy"].tolist() == pytest.approx([h] * 4)
+    with pytest.raises(RegistryError, match="extractor"):
+        build("copo", extractor="regex")

@@ -108,6 +108,7 @@ FIT = [
     "algo.mini_batch_size=8",
     "optim.schedule=constant",
     "logging.val_samples=2",
+    "logging.pass_k=[1,2]",
 ]
 
 

@@ -117,7 +117,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     (work / "peak_plugin.py").write_text(PEAK_PLUGIN)
     n = build_policy(work / "policy")
-    print(f"policy: {n / 1e6:.0f}M parameters, bf16; {devices} x {torch.cuda.get_device_name(0)}; runs in {work}")
+    print(
+        f"policy: {n / 1e6:.0f}M parameters, bf16; {devices} x {torch.cuda.get_device_name(0)}; runs in {work}"
+    )
     print(f"{'strategy':<20} {'step 1 s':>9} {'step 2 s':>9} {'peak GiB':>9}  status")
     failed = 0
     for strategy in args.strategies:

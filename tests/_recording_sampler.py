@@ -33,6 +33,10 @@ class RecordedHF(HFSampler):
         with open(out, "a") as fh:
             row = {"ids": batch.response_ids.tolist(), "mask": batch.response_mask.tolist()}
             fh.write(json.dumps(row) + "\n")
-        if rank == 0 and os.environ.get("LE_TEST_SIGNAL") and self.calls == int(os.environ["LE_TEST_SIGNAL_AT"]):
+        if (
+            rank == 0
+            and os.environ.get("LE_TEST_SIGNAL")
+            and self.calls == int(os.environ["LE_TEST_SIGNAL_AT"])
+        ):
             os.kill(os.getpid(), getattr(signal, os.environ["LE_TEST_SIGNAL"]))
         return batch

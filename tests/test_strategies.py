@@ -20,13 +20,14 @@ import torch.distributed as dist
 from lightning_entropy.__main__ import main
 from lightning_entropy.config import load_config
 from lightning_entropy.metrics import MetricBank
+from lightning_entropy.models import build_char_tokenizer, build_tiny_model
 from lightning_entropy.preflight import check_trainer
 from lightning_entropy.report import read_metrics
 from lightning_entropy.rng import rank_seed
 from lightning_entropy.strategies import gathered_for_generation, shard_model
 from lightning_entropy.update import build_optimizer
 from tests._dist import run_two_ranks
-from tests.test_module import make_module, make_rollout, policy_dir  # noqa: F401 (a fixture)
+from tests.test_module import make_module, make_rollout
 
 from .conftest import TINY
 
@@ -35,10 +36,23 @@ UPDATE = ["algo.mini_batch_size=8", "optim.lr=1e-2"]  # two optimizer steps per 
 PROMPTS = ["12+34=r", "5+77=r", "60+21=r", "9+9=r"]
 
 
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy")
+    tok = build_char_tokenizer()
+    build_tiny_model(
+        len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=64, seed=0
+    ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def _update(m, batch):
     """One RL step's update (two mini-batches: the second is off-policy) with a real optimizer."""
     opt, sched = build_optimizer([p for p in m.policy.parameters()], m.cfg.optim, 10)
-    m.update_stage.run(batch, 0, m.rollout_size, m.policy, opt, sched, lambda loss: loss.backward(), MetricBank())
+    m.update_stage.run(
+        batch, 0, m.rollout_size, m.policy, opt, sched, lambda loss: loss.backward(), MetricBank()
+    )
 
 
 def _full(t):
@@ -52,14 +66,14 @@ def _rank_rows(rank, world, n, mini=8):
     return torch.cat([torch.arange(i + rank * share, i + (rank + 1) * share) for i in range(0, n, mini)])
 
 
-def _fsdp2_worker(rank, world, port, policy_dir, batch, out):
+def _fsdp2_worker(rank, world, port, path, batch, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        m = make_module(policy_dir, *UPDATE)
+        m = make_module(path, *UPDATE)
         shard_model(m.policy, init_device_mesh("cpu", (world,)))
         assert all(isinstance(p, DTensor) for p in m.policy.parameters())
         sampler = m.components["sampler"]
@@ -77,10 +91,12 @@ def _fsdp2_worker(rank, world, port, policy_dir, batch, out):
         dist.destroy_process_group()
 
 
-def test_fsdp2_two_ranks_give_the_update_of_one_and_generate_on_the_sharded_policy(policy_dir, tmp_path):  # noqa: F811
+def test_fsdp2_two_ranks_give_the_update_of_one_and_generate_on_the_sharded_policy(policy_dir, tmp_path):
     single = make_module(policy_dir, *UPDATE)
     batch = make_rollout(single)
-    greedy = single.components["sampler"].generate(single.policy, single.tokenizer, PROMPTS, 1, temperature=0.0)
+    greedy = single.components["sampler"].generate(
+        single.policy, single.tokenizer, PROMPTS, 1, temperature=0.0
+    )
     before = {n: p.detach().clone() for n, p in single.policy.named_parameters()}
     _update(single, batch)
     out = tmp_path / "fsdp2.pt"
@@ -184,7 +200,13 @@ def _check_fsdp2_outputs(run: Path, ckpt: dict) -> None:
 
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp_cpu_offload", "deepspeed_stage_3"])
 def test_gpu_only_strategies_on_cpu_fail_in_one_line_naming_the_key(tmp_path, strategy, capsys):
-    args = ["fit", *TINY, f"logging.root={tmp_path}", "trainer.accelerator=cpu", f"trainer.strategy={strategy}"]
+    args = [
+        "fit",
+        *TINY,
+        f"logging.root={tmp_path}",
+        "trainer.accelerator=cpu",
+        f"trainer.strategy={strategy}",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: trainer.strategy={strategy}:") and len(err.splitlines()) == 1

@@ -251,7 +251,7 @@ def _run(
     from lightning_entropy.checkpointing import AtomicCheckpointIO
     from lightning_entropy.export import POLICY_CONFIG, save_policy_config
     from lightning_entropy.loggers import SampleTable, build_loggers
-    from lightning_entropy.strategies import build_strategy
+    from lightning_entropy.strategies import build_strategy, refresh_last_checkpoint
 
     policy_path = prepare_policy(cfg, datamodule)
     if not validate_only and _env_rank() == 0 and not (run_dir / POLICY_CONFIG).exists():
@@ -310,6 +310,7 @@ def _run(
         if trainer.is_global_zero:
             print(stopper.report(module.rl_step), file=sys.stderr)
         return 128 + int(stopper.stopped)
+    refresh_last_checkpoint(trainer, t.strategy, run_dir / "checkpoints")  # final/ is exported from it
     if trainer.is_global_zero:
         _save_final(t.strategy, module, run_dir)
         print(

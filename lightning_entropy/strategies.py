@@ -142,6 +142,16 @@ def _zero3_gathered(model: torch.nn.Module) -> Any:
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def refresh_last_checkpoint(trainer: Any, strategy: Any, ckpt_dir: Path) -> None:
+    """Under ``fsdp2``, make ``last.ckpt`` hold the final step (``final/`` is exported from it); the
+    checkpoint callback leaves it at the last ``ckpt_every`` step. Collective: every rank calls it."""
+    from lightning_entropy.checkpointing import read_meta
+
+    last = ckpt_dir / "last.ckpt"
+    if strategy == FSDP2 and (not last.is_file() or read_meta(last).global_step != trainer.global_step):
+        trainer.save_checkpoint(str(last))
+
+
 def full_checkpoint(path: str | Path) -> bool:
     """A single-file checkpoint (DDP, FSDP2 here) rather than a folder of shards (DeepSpeed)."""
     return Path(path).is_file()
@@ -154,6 +164,7 @@ __all__ = [
     "full_checkpoint",
     "gathered_for_generation",
     "is_sharded",
+    "refresh_last_checkpoint",
     "shard_model",
     "strategy_error",
 ]

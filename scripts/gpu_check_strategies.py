@@ -52,7 +52,11 @@ import torch
 
 def _write_peak():
     if torch.cuda.is_available():
-        rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            rank = str(dist.get_rank())
+        else:
+            rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
         peak = torch.cuda.max_memory_allocated() / 2**30
         out = os.path.join(os.environ["LE_PEAK_DIR"], f"rank{rank}.json")
         with open(out, "w") as fh:

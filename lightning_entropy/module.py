@@ -165,6 +165,7 @@ class RLVRModule(L.LightningModule):
                 self.stats,
             )
         R.record_rollout(self.stats, batch, self.components)  # after the update: pi_old may come from it
+        self.components["sampler"].observe(batch)
         self.last_rollout = batch
         timer.seconds["step"] = time.perf_counter() - t0
         summary = self._log_step(timer, batch)

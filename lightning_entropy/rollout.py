@@ -227,7 +227,7 @@ def evaluate(
     greedy = sampler.generate(policy, tokenizer, prompts, 1, temperature=0.0)
     score(greedy, refs, reward)
     bank.update("val/acc", correct(greedy), kind=ScalarMean)
-    drawn = sampler.generate(policy, tokenizer, prompts, samples, temperature=temperature)
+    drawn = sampler.generate(policy, tokenizer, prompts, samples, temperature=temperature, independent=True)
     score(drawn, [refs[i // samples] for i in range(drawn.size)], reward)
     bank.update("val/", correct(drawn).bool(), drawn.group_ids.cpu(), kind=pass_k)
 

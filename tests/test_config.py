@@ -36,6 +36,53 @@ def test_overrides_and_component_swap_drops_old_hyperparameters(tmp_path):
     assert swapped.loss.name == "gspo" and "agg" in swapped.loss
 
 
+def test_base_configs_load_first_and_a_method_swap_drops_the_base_hyperparameters(tmp_path):
+    (tmp_path / "bed").mkdir()
+    (tmp_path / "bed" / "setting.yaml").write_text(
+        "data: {task: countdown, options: {steps: true}}\noptim: {lr: 3.0e-4}\nloss: {name: ppo, eps_high: 0.28}\n"
+    )
+    (tmp_path / "mid.yaml").write_text("base: bed/setting.yaml\noptim: {lr: 2.0e-4}\nalgo: {kl_coef: 0.01}\n")
+    (tmp_path / "method.yaml").write_text("base: [mid.yaml]\nloss: {name: clip_cov}\n")
+    cfg = load_config(tmp_path / "method.yaml", ["algo.kl_coef=0.0"])
+    assert cfg.data.task == "countdown" and cfg.data.options == {"steps": True}
+    assert cfg.optim.lr == 2.0e-4  # the nearer file wins over its base
+    assert cfg.algo.kl_coef == 0.0  # and the command line over every file
+    assert cfg.loss.name == "clip_cov" and "eps_high" not in cfg.loss  # a swapped component starts afresh
+    assert "base" not in cfg
+    validate(cfg)
+
+
+def test_a_sampler_swap_keeps_the_settings_generation_budget_not_its_sampling_method(tmp_path):
+    (tmp_path / "bed.yaml").write_text("sampler: {max_new_tokens: 32, temperature: 0.7, stop: [';']}\n")
+    (tmp_path / "m.yaml").write_text("base: bed.yaml\nsampler: {name: edt}\n")
+    cfg = load_config(tmp_path / "m.yaml")
+    assert dict(cfg.sampler) == {"name": "edt", "group_size": 8, "max_new_tokens": 32, "stop": [";"]}
+    validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "files, match",
+    [
+        ({"a.yaml": "base: a.yaml\n"}, r"a.yaml: base: .*a.yaml includes itself"),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"b.yaml: base: .*a.yaml includes itself"),
+        ({"a.yaml": "base: missing.yaml\n"}, r"config file not found: .*missing.yaml \(base of .*a.yaml\)"),
+        ({"a.yaml": "base: 3\n"}, r"a.yaml: base: must be a config file path or a list of them, got 3"),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "optim: {lrr: 1}\n"}, r"b.yaml.*optim.lrr"),
+    ],
+)
+def test_bad_base_names_the_file(tmp_path, files, match):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_a_later_null_override_wins_over_an_earlier_value():
+    assert load_config(None, ["algo.mini_batch_size=16", "algo.mini_batch_size=null"]).algo.mini_batch_size is None
+    with pytest.raises(ConfigError, match="override 'data.answer_regex=#### .*parses as YAML null"):
+        load_config(None, ["data.answer_regex=#### (.+)"])
+
+
 def test_unknown_component_name_names_key_and_closest(tmp_path):
     cfg = load_config(None, ["advantage.name=grpoo"])
     with pytest.raises(

@@ -19,6 +19,7 @@ from lightning_entropy.components.common import (
     group_count,
     group_index,
     group_mean_std,
+    group_min_max,
     group_sum,
     masked_mean,
     masked_sum,
@@ -909,3 +910,51 @@ class HAPOTokenAdvantage(AdvantageEstimator):
             too_big |= (pad.abs() >= self.fallback) & (lengths < batch.response_mask.shape[1])
         fall = (group_sum(too_big.double(), batch.group_ids) > 0) | (tot == 0)
         return broadcast_to_tokens(torch.where(fall, grpo, adv), batch.response_mask)
+
+
+@register("advantage", "ear")
+class EARAdvantage(_Composed):
+    """ETTRL's entropy-based advantage reshaping (EAR), arXiv 2508.11356 (METHODS §8.3) [3RD, no code].
+
+    Adv-Res (``mode="res"``): A'_i = Y_i A_i, Y_i = 2 - H_i / mean_g H, with H_i response i's mean token
+    entropy (pi_old) and the mean over its group's responses that have tokens: confident responses are
+    amplified, uncertain ones damped. Adv-Clip (``mode="clip"``): A' = clip(A, -beta, beta), beta=2
+    (reported worse than Adv-Res). A comes from the ``base`` estimator (GRPO by default).
+    Y_i < 0 (H_i > 2 mean_g H) flips A's sign; the notes mention no clamp, so none is the default and
+    ``y_min`` (e.g. 0) is the guard Y_i >= y_min. A group with zero entropy throughout keeps Y = 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "res",
+        y_min: float | None = None,
+        beta: float = 2.0,
+        base: str = "grpo",
+        base_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if mode not in ("res", "clip"):
+            raise ValueError(f"mode must be 'res' (Adv-Res) or 'clip' (Adv-Clip), got {mode!r}")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.mode, self.y_min, self.beta = mode, y_min, beta
+        self.base = _build_base(base, base_kwargs)
+        self.requires = self.base.requires
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        adv = self._base_advantages(batch)
+        mask = batch.response_mask.float()
+        if self.mode == "clip":
+            return adv.clamp(-self.beta, self.beta) * mask
+        _need(batch, "entropy")
+        h = masked_mean(batch.entropy.detach().double(), mask.double(), dim=-1)
+        has = (mask.sum(-1) > 0).double()
+        avg = group_sum(h * has, batch.group_ids) / group_sum(has, batch.group_ids).clamp_min(1)
+        # an all-equal group gets Y exactly 1 (h / avg of equal floats need not be exactly 1)
+        lo, hi = group_min_max(torch.where(has > 0, h, avg), batch.group_ids)
+        y = torch.where((lo == hi) | (avg <= 0), 1.0, 2.0 - h / avg.clamp_min(1e-30))
+        self.metrics["sign_flip_frac"] = ((y < 0).float()[:, None] * mask).float()
+        if self.y_min is not None:
+            y = y.clamp_min(self.y_min)
+        self.metrics["y"] = (y[:, None] * mask).float()
+        return (adv * y[:, None].to(adv.dtype)) * mask

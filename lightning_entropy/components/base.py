@@ -48,10 +48,21 @@ class Component(ABC):
 
 class Sampler(Component):
     needs_old_pass: ClassVar[bool] = False
+
     @abstractmethod
     def generate(
         self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any
-    ) -> RolloutBatch: ...
+    ) -> RolloutBatch:
+        """``overrides``: ``temperature``, ``max_new_tokens``, and ``independent=True`` (validation's
+        pass@k) for i.i.d. responses from samplers whose responses share structure (tree rollouts)."""
+
+    def check_group_size(self, group_size: int) -> None:
+        """Raise ValueError when this sampler cannot draw ``group_size`` responses per prompt (config
+        validation calls it before any model loads)."""
+
+    def observe(self, batch: RolloutBatch) -> None:
+        """Called once per RL step, after the update, with the step's rollout (pi_old's entropy and
+        log-probs filled in): samplers that adapt to the previous step's statistics read it here."""
 
 
 class Reward(Component):

@@ -94,7 +94,7 @@ def random_batch(seed: int = 0, n_groups: int = 5, group_size: int = 4, T: int =
 
 EXPECTED = {
     "qae", "canon", "gtpo", "grpo_s", "entropy_adv", "mapo", "aapo", "ucas", "egsw", "riskpo",
-    "passk", "opo", "reinforce_pp_baseline", "hapo_token",
+    "passk", "opo", "reinforce_pp_baseline", "hapo_token", "ear",
 }  # fmt: skip
 
 
@@ -165,6 +165,9 @@ def test_truncation_flag_is_not_read(name: str) -> None:
         ("riskpo", {"lr_q": 0.0}),
         ("reinforce_pp_baseline", {"eps": 0.0}),
         ("hapo_token", {"fallback": 0.0}),
+        ("ear", {"mode": "both"}),
+        ("ear", {"beta": 0.0}),
+        ("ear", {"base": "nope"}),
     ],
 )
 def test_bad_hyperparameters_raise(name: str, kwargs: dict) -> None:
@@ -810,3 +813,61 @@ def test_hapo_token_code_padding_quirk() -> None:
     empty = make_batch([0.95, 0.9, 0.9], [0, 0, 0], lengths=[0, 4, 4])
     assert build("hapo_token")(empty)[1, 0].item() == 0.0  # mu = 0.9 over the tokens: no fallback
     assert build("hapo_token", code_padding_quirk=True)(empty)[1, 0].item() < 0  # GRPO: 0.9 < mean
+
+
+# ---- EAR (ETTRL) -----------------------------------------------------------------------------
+
+
+def test_ear_adv_res_hand_case_with_sign_flip_and_guard() -> None:
+    # group 0, GRPO on r = [1,0,0,0]: A = [1.5, -0.5, -0.5, -0.5] (times GRPO's eps factor a).
+    # mean token entropies H = [1.0, 2.0, 0.5, 4.5] (row 3 has one token; its padding reads 9.0)
+    # -> group mean 2.0 -> Y = 2 - H/2 = [1.5, 1.0, 1.75, -0.25]: row 3 (H > 2 mean) flips sign.
+    ent = [[0.5, 1.5], [2.0, 2.0], [0.0, 1.0], [4.5]]
+    batch = make_batch([1, 0, 0, 0], [0] * 4, lengths=[2, 2, 2, 1], entropy=ent)
+    a = 0.5 / (0.5 + 1e-6)
+    est = build("ear")
+    adv = est(batch)
+    expected = torch.tensor([[2.25, 2.25], [-0.5, -0.5], [-0.875, -0.875], [0.125, 0.0]]) * a
+    assert torch.allclose(adv, expected, atol=1e-5)
+    assert adv[3, 0] > 0 > seq(build("grpo")(batch))[3]  # the flip the notes do not guard against
+    # metrics: token-weighted Y and the share of tokens whose response flipped (1 of 7 tokens)
+    mask = batch.response_mask.float()
+    assert (est.metrics["sign_flip_frac"] * mask).sum() / mask.sum() == pytest.approx(1 / 7)
+    # the guard y_min = 0 zeroes the flipped response and leaves the others alone
+    guarded = build("ear", y_min=0.0)(batch)
+    assert torch.allclose(guarded[:3], expected[:3], atol=1e-5) and (guarded[3] == 0).all()
+
+
+def test_ear_group_mean_skips_empty_responses_and_equal_groups_keep_grpo() -> None:
+    # group 5: r = [1, 0, 0], row 1 empty. Mean H over rows with tokens: (1.0 + 3.0) / 2 = 2.0
+    # (not 4/3) -> Y = [1.5, -, 0.5]. GRPO: mean 1/3, unbiased std sqrt(1/3).
+    # group 7: equal non-dyadic entropies 0.9 -> Y exactly 1 -> exactly GRPO's advantage.
+    # group 9: all-equal rewards 0.9 -> A = 0 whatever Y.
+    ent = [[1.0, 1.0], [], [2.0, 4.0], [0.9, 0.9], [0.9], [0.1, 0.2], [3.0]]
+    batch = make_batch(
+        [1, 0, 0, 1, 0, 0.9, 0.9], [5, 5, 5, 7, 7, 9, 9], lengths=[2, 0, 2, 2, 1, 2, 1], entropy=ent
+    )
+    adv = build("ear")(batch)
+    std = math.sqrt(1 / 3)
+    assert adv[0, 0].item() == pytest.approx(1.5 * (2 / 3) / (std + 1e-6), abs=1e-5)
+    assert adv[2, 0].item() == pytest.approx(0.5 * (-1 / 3) / (std + 1e-6), abs=1e-5)
+    assert (adv[1] == 0).all()
+    grpo = build("grpo")(batch)
+    assert torch.equal(adv[3:5], grpo[3:5])
+    assert (adv[5:] == 0).all()
+    # a group with zero entropy everywhere keeps Y = 1 (no 0/0)
+    flat = make_batch([1, 0], [0, 0], entropy=torch.zeros(2, 4))
+    assert torch.equal(build("ear")(flat), build("grpo")(flat))
+
+
+def test_ear_adv_clip_and_base() -> None:
+    # Adv-Clip with beta = 2 on Dr. GRPO-style A = r - mean = [2.5, -2.5] -> [2, -2]; entropy unused
+    batch = make_batch([5, 0], [0, 0], lengths=[3, 1], entropy=[[100.0] * 3, [0.0]])
+    adv = build("ear", mode="clip", base_kwargs={"norm_std": False})(batch)
+    assert torch.allclose(adv, torch.tensor([[2.0, 2.0, 2.0], [-2.0, 0.0, 0.0]]))
+    batch.entropy = None  # clip mode never reads entropy
+    assert torch.allclose(
+        build("ear", mode="clip", beta=1.0, base="dr_grpo")(batch)[:, 0], torch.tensor([1.0, -1.0])
+    )
+    with pytest.raises(ValueError, match="batch.entropy"):
+        build("ear")(batch)

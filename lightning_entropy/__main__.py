@@ -275,8 +275,9 @@ def _run(
 
     from lightning_entropy.callbacks import GracefulStop
     from lightning_entropy.checkpointing import AtomicCheckpointIO
-    from lightning_entropy.export import POLICY_CONFIG, save_policy, save_policy_config
+    from lightning_entropy.export import POLICY_CONFIG, save_policy_config
     from lightning_entropy.loggers import SampleTable, build_loggers
+    from lightning_entropy.strategies import build_strategy, refresh_last_checkpoint
 
     policy_path = prepare_policy(cfg, datamodule)
     if not validate_only and _env_rank() == 0 and not (run_dir / POLICY_CONFIG).exists():
@@ -302,7 +303,7 @@ def _run(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(t.strategy),
         precision=t.precision,
         max_steps=t.max_steps * per_step,
         deterministic=t.deterministic,
@@ -335,11 +336,9 @@ def _run(
         if trainer.is_global_zero:
             print(stopper.report(module.rl_step), file=sys.stderr)
         return 128 + int(stopper.stopped)
+    refresh_last_checkpoint(trainer, t.strategy, run_dir / "checkpoints")  # final/ is exported from it
     if trainer.is_global_zero:
-        if _sharded(t.strategy):
-            print(f"final/ not written under strategy {t.strategy}: the policy is sharded", file=sys.stderr)
-        else:
-            save_policy(module.policy, module.tokenizer, run_dir / "final")
+        _save_final(t.strategy, module, run_dir)
         print(
             f"\nRun finished in {time.time() - start:.0f}s: {run_dir} (trained policy: {run_dir / 'final'})"
         )
@@ -362,8 +361,22 @@ def cmd_export(source: Path, out: Path) -> int:
     return 0
 
 
-def _sharded(strategy: Any) -> bool:
-    return any(s in str(strategy).lower() for s in ("fsdp", "deepspeed"))
+def _save_final(strategy: Any, module: Any, run_dir: Path) -> None:
+    """final/: the policy itself, or under a sharded strategy the full-state last.ckpt exported (a
+    DeepSpeed checkpoint is a folder of shards: `export` cannot read it)."""
+    import shutil
+
+    from lightning_entropy.export import export_checkpoint, save_policy
+    from lightning_entropy.strategies import full_checkpoint, is_sharded
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not is_sharded(strategy):
+        save_policy(module.policy, module.tokenizer, run_dir / "final")
+    elif full_checkpoint(last):
+        shutil.rmtree(run_dir / "final", ignore_errors=True)  # as save_policy replaces an older final/
+        export_checkpoint(last, run_dir / "final")
+    else:
+        print(f"final/ not written under strategy {strategy}: {last} is not one file", file=sys.stderr)
 
 
 def prepare_data(cfg: DictConfig, datamodule: Any) -> None:

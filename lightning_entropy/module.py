@@ -27,7 +27,8 @@ from lightning_entropy.forward import PolicyForward
 from lightning_entropy.health import HealthMonitor
 from lightning_entropy.metrics import MetricBank, PassAtK, PhaseTimer, SumRatio
 from lightning_entropy.models import load_policy, load_tokenizer
-from lightning_entropy.rng import rng_state, set_rng_state
+from lightning_entropy.rng import gathered_rng_states, restore_rank_rng, seed_rank_stream
+from lightning_entropy.strategies import gathered_for_generation, shard_model
 from lightning_entropy.update import PolicyUpdate, UpdateSchedule, build_optimizer
 
 TASK_REWARDS = {"arithmetic": "exact_match", "countdown": "countdown"}
@@ -105,6 +106,9 @@ class RLVRModule(L.LightningModule):
             and not self.components["reward"].needs_policy_stats
         )
 
+    def setup(self, stage: str) -> None:
+        seed_rank_stream(self.cfg.seed, self.global_rank)  # each rank samples from its own stream
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
@@ -119,6 +123,11 @@ class RLVRModule(L.LightningModule):
         if self.uses_ref:
             self.ref_policy = load_policy(self.policy_path, dtype=m.dtype)  # frozen, eval: no dropout
             self.ref_policy.requires_grad_(False).eval()
+        mesh = getattr(self, "_device_mesh", None)  # set by the fsdp2 strategy (strategies.FSDP2Strategy)
+        if mesh is not None:
+            for model in (self.policy, self.ref_policy):
+                if model is not None:
+                    shard_model(model, mesh["data_parallel"])
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -139,9 +148,10 @@ class RLVRModule(L.LightningModule):
         timer, t0 = PhaseTimer(), time.perf_counter()
         dm = self.trainer.datamodule
         extra = partial(_extra_examples, dm, self.rl_step, self.global_rank)
-        batch = self.rollout_stage(
-            self.policy, self.ref_policy, data["examples"], int(data["group_offset"]), timer, extra
-        )
+        with gathered_for_generation(self.policy):  # sharded policies: gathered once, not per token
+            batch = self.rollout_stage(
+                self.policy, self.ref_policy, data["examples"], int(data["group_offset"]), timer, extra
+            )
         self._warn_if_clipping_cannot_act()
         with timer("update"):
             self.update_stage.run(
@@ -205,7 +215,7 @@ class RLVRModule(L.LightningModule):
             return
         lg = self.cfg.logging
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), gathered_for_generation(self.policy):
             torch.manual_seed(self.cfg.seed * 1_000_003 + self.rl_step)
             R.evaluate(
                 self.components["sampler"], self.policy, self.tokenizer, examples, self.val_reward,
@@ -247,7 +257,7 @@ class RLVRModule(L.LightningModule):
             "rl_step": self.rl_step,
             "health": self.health.state_dict(),
             "components": {s: c.state_dict() for s, c in self.components.items()},
-            "rng": rng_state(),
+            "rng_by_rank": gathered_rng_states(),  # each rank resumes its own sampling stream
             "config": saved_container(self.cfg),  # ${oc.env:...} kept unresolved (secrets)
         }
         drop_reference_weights(checkpoint)  # rebuilt from its path on resume
@@ -259,7 +269,13 @@ class RLVRModule(L.LightningModule):
         self.health.load_state_dict(state.get("health", {}))
         for s, c in self.components.items():
             c.load_state_dict(state["components"].get(s, {}))
-        set_rng_state(state["rng"])
+        states = state.get("rng_by_rank") or [state["rng"]]  # older checkpoints: rank 0's state only
+        if not restore_rank_rng(states, self.global_rank, self.cfg.seed, self.rl_step):
+            warnings.warn(
+                f"rank {self.global_rank}: the checkpoint holds the RNG states of {len(states)} rank(s); "
+                "this rank starts a new sampling stream (the resume is not bit-exact)",
+                stacklevel=2,
+            )
 
 
 def _extra_examples(dm: Any, step: int, rank: int, round_: int, n: int) -> list[Any]:

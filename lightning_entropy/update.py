@@ -87,6 +87,8 @@ class PolicyUpdate:
                 params = [p for p in policy.parameters() if p.grad is not None]
                 # the norm before clipping; an infinite max_norm only measures it
                 gn = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf) if params else None
+                if hasattr(gn, "full_tensor"):  # FSDP2: a DTensor, the same norm on every rank
+                    gn = gn.full_tensor()
                 if gn is not None and not torch.isfinite(gn):
                     optimizer.zero_grad()
                     skipped += 1

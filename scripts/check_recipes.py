@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="runs/check_recipes", help="where the runs go (default runs/check_recipes)"
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("overrides", nargs=argparse.REMAINDER, help="after --: key=value for every run")
-    args = ap.parse_args(argv)
-    overrides = [o for o in args.overrides if o != "--"]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    overrides = argv[cut + 1 :]  # after --: key=value overrides for every run
+    args = ap.parse_args(argv[:cut])
     configs = method_configs(args.names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

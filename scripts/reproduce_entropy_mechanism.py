@@ -204,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="runs", help="where sweeps go (default runs/)")
     ap.add_argument("--plot-only", action="store_true", help="draw from finished runs, start nothing")
     ap.add_argument("--baseline", default="grpo", help="the grid point the law is fitted on (default grpo)")
-    ap.add_argument("overrides", nargs=argparse.REMAINDER, help="after --: key=value for every run")
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    overrides = argv[cut + 1 :]  # after --: key=value overrides for every run
+    args = ap.parse_args(argv[:cut])
     sweep_file, root = Path(args.sweep), Path(args.root)
-    overrides = [o for o in args.overrides if o != "--"]
     if overrides:
         sweep_file = with_overrides(sweep_file, overrides, root)
     if not args.plot_only:

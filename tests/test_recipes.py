@@ -72,7 +72,7 @@ def test_reproduction_runs_its_sweep_and_draws_the_figures(tmp_path, tiny_cache)
     sweep.write_text(f"name: mech\nseeds: [0, 1]\ngrid: {{config: [{configs}]}}\n")
     overrides = [*FAST, "trainer.max_steps=2", "logging.plot=false"]
     assert repro.main(["--sweep", str(sweep), "--root", str(tmp_path / "runs"), "--", *overrides]) == 0
-    out = next((tmp_path / "runs").glob("mech-*"))  # the overrides give the sweep its own directory
+    out = next(p for p in (tmp_path / "runs").glob("mech-*") if p.is_dir())  # the overrides: its own directory
     assert (out / "entropy_mechanism.png").stat().st_size > 10_000
     table = (out / "entropy_mechanism.md").read_text().splitlines()
     rows = {line.split("|")[1].strip(): line for line in table[2:]}

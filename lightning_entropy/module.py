@@ -76,6 +76,7 @@ class RLVRModule(L.LightningModule):
             kl_type=a.kl_type,
             grad_clip=cfg.optim.grad_clip,
             drop_truncated=a.overlong_filter,
+            rollout_correction=(a.rollout_correction, a.rollout_correction_cap),
         )
         self.health = HealthMonitor(**OmegaConf.to_container(cfg.health), warn=rank_zero_warn)
         self.stats, self.val_stats = MetricBank(), MetricBank()
@@ -103,6 +104,7 @@ class RLVRModule(L.LightningModule):
             and self.updates_per_step == 1
             and not any(c.needs_old_pass for c in self.components.values())
             and not self.components["reward"].needs_policy_stats
+            and self.cfg.algo.rollout_correction != "mis"  # masks tokens before the first forward
         )
 
     def configure_model(self) -> None:
@@ -154,6 +156,8 @@ class RLVRModule(L.LightningModule):
                 self.manual_backward,
                 self.stats,
             )
+        with timer("sync"):  # an engine-backed sampler loads the updated weights
+            self.components["sampler"].after_update(self.policy, self.rl_step)
         R.record_rollout(self.stats, batch, self.components)  # after the update: pi_old may come from it
         self.last_rollout = batch
         timer.seconds["step"] = time.perf_counter() - t0
@@ -165,7 +169,7 @@ class RLVRModule(L.LightningModule):
             dm.mark_consumed(int(data["index"]))
 
     def _log_step(self, timer: PhaseTimer, batch: Any) -> dict[str, float]:
-        for phase in ("generate", "score", "old_pass", "update", "step"):  # means over ranks
+        for phase in ("generate", "score", "old_pass", "update", "sync", "step"):  # means over ranks
             self.stats.update(f"time/{phase}", timer.seconds.get(phase, 0.0), 1.0, kind=SumRatio)
         # generated tokens per second of the whole step, per rank
         speed = float(batch.response_mask.sum()) / max(timer.seconds["step"], 1e-9)

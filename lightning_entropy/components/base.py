@@ -53,6 +53,10 @@ class Sampler(Component):
         self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any
     ) -> RolloutBatch: ...
 
+    def after_update(self, model: torch.nn.Module, step: int) -> None:
+        """Called after the updates of RL step ``step`` with the updated policy: a sampler that keeps
+        its own copy of the weights (an inference engine) loads them here."""
+
 
 class Reward(Component):
     # Rewards that score from the policy's own statistics (entropy, ...) set this and implement

@@ -56,6 +56,17 @@ def _stop_string_end(tokenizer: Any, ids: list[int], stops: list[str]) -> int | 
     return lo
 
 
+def sampled_logprobs(scores: tuple[torch.Tensor, ...], response_ids: torch.Tensor) -> torch.Tensor:
+    """log-softmax of generate()'s processed scores (one [B, V] tensor per step) at the sampled
+    tokens [B, T]; one step at a time, so only one [B, V] log-softmax is alive."""
+    out = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
+    for t, s in enumerate(scores[: response_ids.shape[1]]):
+        lp = torch.log_softmax(s.float(), dim=-1).gather(1, response_ids[:, t : t + 1]).squeeze(1)
+        # a row finished earlier gets a pad its processors may have masked to -inf: not sampled
+        out[:, t] = torch.nan_to_num(lp, neginf=0.0)
+    return out
+
+
 @register("sampler", "hf")
 class HFSampler(Sampler):
     """Batched ``model.generate`` with KV cache: ``group_size`` samples per prompt.
@@ -66,7 +77,8 @@ class HFSampler(Sampler):
     ``stop_token_ids``, or after the token that completes any of the ``stop`` strings (kept in the
     response, like EOS). Every other sampling setting is pinned to neutral (no repetition penalty,
     min-p, ...), whatever the model's generation_config says, so responses are drawn from exactly
-    the distribution whose log-probs the update uses.
+    the distribution whose log-probs the update uses. ``rollout_logprobs`` are the log-probs of the
+    sampled tokens under that processed distribution (greedy: the unscaled softmax).
     """
 
     def __init__(
@@ -126,6 +138,9 @@ class HFSampler(Sampler):
             typical_p=1.0,
             epsilon_cutoff=0.0,
             eta_cutoff=0.0,
+            # the processed scores (temperature, top-k, top-p applied) give the rollout log-probs
+            output_scores=True,
+            return_dict_in_generate=True,
         )
         if not greedy:
             kwargs.update(temperature=temperature, top_p=self.top_p, top_k=self.top_k, min_p=0.0)
@@ -137,7 +152,8 @@ class HFSampler(Sampler):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
         finally:
             model.train(was_training)
-        response_ids = out[:, prompt_ids.shape[1] :]
+        response_ids = out.sequences[:, prompt_ids.shape[1] :]
+        sampled_lp = sampled_logprobs(out.scores, response_ids)
         response_mask, truncated = response_mask_from_ids(response_ids, stops)
         if self.stop:
             # a stop string ends the response after the token that completes it; generate() pads a
@@ -149,6 +165,7 @@ class HFSampler(Sampler):
                     response_mask[row, n:] = 0
                     truncated[row] = False
         response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad))
+        rollout_logprobs = sampled_lp * response_mask
         group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         info = [{"prompt": prompts[i // group_size], "completion": texts[i]} for i in range(len(texts))]
@@ -159,5 +176,185 @@ class HFSampler(Sampler):
             response_mask=response_mask,
             group_ids=group_ids,
             truncated=truncated,
+            rollout_logprobs=rollout_logprobs,
             info=info,
         )
+
+
+@register("sampler", "vllm")
+class VLLMSampler(HFSampler):
+    """A colocated vLLM engine per rank (in-process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), built
+    from the policy on the first ``generate`` (the start of the fit) and loaded with its weights in
+    memory after every ``sync_every`` RL steps' updates (``lightning_entropy/engine.py``).
+
+    The sampling keys, stop rules and pinned-neutral settings are the ``hf`` sampler's (vLLM ignores
+    the model's generation_config here, ``generation_config="vllm"``). ``rollout_logprobs`` are vLLM's
+    ``processed_logprobs``: after temperature, top-k and top-p. Each sample is one request whose seed
+    mixes a draw from torch's global generator (seeded by ``seed``, advanced every step,
+    checkpointed, forked per validation) with the rank, the prompt's index and the sample's index:
+    a run is reproducible and resumes exactly
+    (with ``sync_every`` > 1 a resumed engine starts from the current weights). ``enforce_eager``
+    null = eager on CPU, CUDA graphs on GPU; ``kv_cache_gib`` sets the KV cache size outright
+    (on CPU the default takes half the free memory); ``enable_sleep_mode`` (GPU) frees the engine's
+    weights and KV cache between generations. Entropy is not vLLM's to report: the training model
+    computes it over the full vocabulary in the old-policy pass.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 16,
+        stop_token_ids: list[int] | None = None,
+        stop: list[str] | None = None,
+        sync_every: int = 1,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_gib: float | None = None,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        enforce_eager: bool | None = None,
+        enable_sleep_mode: bool = False,
+    ) -> None:
+        super().__init__(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
+            stop=stop,
+        )
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1 RL step, got {sync_every}")
+        if tensor_parallel_size != 1:
+            # a TP group shares one engine across processes: the weights would have to travel to
+            # the engine's workers instead of being loaded in this process
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported (one in-process engine "
+                "per rank); scale generation with more ranks (trainer.devices)"
+            )
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be auto (the policy's), float32, bfloat16 or float16, got {dtype!r}"
+            )
+        self.sync_every = sync_every
+        self.enable_sleep_mode = enable_sleep_mode
+        self.engine_kwargs: dict[str, Any] = dict(
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            enforce_eager=enforce_eager,
+            enable_sleep_mode=enable_sleep_mode,
+            kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * 2**30),
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+        )
+        self.engine: Any = None
+        self.asleep = False
+
+    def build(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        from lightning_entropy.engine import build_engine
+
+        kw = dict(self.engine_kwargs)
+        param = next(model.parameters())
+        if kw["dtype"] == "auto":
+            kw["dtype"] = str(param.dtype).removeprefix("torch.")
+        if kw["enforce_eager"] is None:
+            kw["enforce_eager"] = param.device.type != "cuda"
+        if self.enable_sleep_mode and not torch.cuda.is_available():
+            raise ValueError("sampler.enable_sleep_mode=true frees GPU memory and needs a CUDA device")
+        self.engine = build_engine(model, tokenizer, seed=0, **kw)
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.engine.wake_up()
+            self.asleep = False
+
+    @torch.no_grad()
+    def generate(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any
+    ) -> RolloutBatch:
+        from vllm import SamplingParams
+
+        from lightning_entropy.components.common import is_distributed
+        from lightning_entropy.engine import unwrap
+        from lightning_entropy.prompts import encode_prompts
+        from lightning_entropy.tasks import derive_seed
+
+        unknown = set(overrides) - {"temperature", "max_new_tokens"}
+        if unknown:
+            raise ValueError(
+                f"sampler 'vllm' cannot apply {sorted(unknown)}; it takes temperature and max_new_tokens"
+            )
+        if self.engine is None:
+            self.build(model, tokenizer)
+        self.wake()
+        device = next(model.parameters()).device
+        ids, mask = encode_prompts(tokenizer, prompts)
+        if not bool(mask.any(-1).all()):
+            raise ValueError("sampler 'vllm' got an empty prompt (no tokens); vLLM needs at least one")
+        stops = stop_ids(unwrap(model), tokenizer, self.stop_token_ids)
+        temperature = overrides.get("temperature", self.temperature)
+        base = int(torch.randint(0, 2**62, (1,)))  # the global generator: seeded, checkpointed
+        rank = torch.distributed.get_rank() if is_distributed() else 0  # no collective: ranks may
+        # generate different numbers of times (dynamic sampling)
+        common = dict(
+            temperature=temperature,
+            top_p=self.top_p if temperature > 0 else 1.0,
+            top_k=self.top_k if temperature > 0 else 0,
+            max_tokens=overrides.get("max_new_tokens", self.max_new_tokens),
+            stop_token_ids=stops,
+            stop=self.stop or None,
+            include_stop_str_in_output=True,
+            logprobs=0,
+            detokenize=bool(self.stop),
+        )
+        # one request per sample (vLLM refuses n > 1 when greedy); the prefix cache shares the prompt
+        params = [
+            SamplingParams(seed=derive_seed(base, rank, i, j) >> 2, **common)
+            for i in range(len(prompts))
+            for j in range(group_size)
+        ]
+        requests = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask)]
+        requests = [r for r in requests for _ in range(group_size)]
+        outputs = self.engine.generate(requests, params, use_tqdm=False)
+        if self.enable_sleep_mode:
+            self.engine.sleep(level=1)
+            self.asleep = True
+        samples = [c for out in outputs for c in out.outputs]
+        T = max(1, max(len(c.token_ids) for c in samples))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+        response_ids = torch.full((len(samples), T), pad, dtype=torch.long)
+        rollout_logprobs = torch.zeros((len(samples), T), dtype=torch.float32)
+        response_mask = torch.zeros((len(samples), T), dtype=torch.long)
+        for row, c in enumerate(samples):
+            n = len(c.token_ids)
+            response_ids[row, :n] = torch.tensor(c.token_ids, dtype=torch.long)
+            rollout_logprobs[row, :n] = torch.tensor(
+                [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
+            )
+            response_mask[row, :n] = 1
+        truncated = torch.tensor([c.finish_reason == "length" for c in samples], dtype=torch.bool)
+        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        return RolloutBatch(
+            prompt_ids=ids.to(device).repeat_interleave(group_size, 0),
+            prompt_mask=mask.to(device).repeat_interleave(group_size, 0),
+            response_ids=response_ids.to(device),
+            response_mask=response_mask.to(device),
+            group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
+            truncated=truncated.to(device),
+            rollout_logprobs=rollout_logprobs.to(device),
+            info=[{"prompt": prompts[i // group_size], "completion": texts[i]} for i in range(len(texts))],
+        )
+
+    def after_update(self, model: torch.nn.Module, step: int) -> None:
+        from lightning_entropy.engine import load_weights
+
+        if self.engine is not None and (step + 1) % self.sync_every == 0:
+            self.wake()
+            load_weights(self.engine, model)

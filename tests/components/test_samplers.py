@@ -73,7 +73,9 @@ def test_hf_rollout_logprobs_are_zero_after_a_stop_token(policy):
     model, tok = policy
     greedy = HFSampler(max_new_tokens=6).generate(model, tok, PROMPTS[:1], 1, temperature=0.0)
     first = int(greedy.response_ids[0, 0])  # stop on the first greedy token: responses of length 1
-    batch = HFSampler(max_new_tokens=6, stop_token_ids=[first]).generate(model, tok, PROMPTS[:1], 1, temperature=0.0)
+    batch = HFSampler(max_new_tokens=6, stop_token_ids=[first]).generate(
+        model, tok, PROMPTS[:1], 1, temperature=0.0
+    )
     assert batch.response_mask.sum().item() == 1 and not batch.truncated.any()
     assert batch.rollout_logprobs[0, 0] < 0 and (batch.rollout_logprobs[0, 1:] == 0).all()
 
@@ -149,7 +151,9 @@ def test_weight_sync_after_an_update(policy, engine):
     finally:
         engine.sync_every = 1
         engine.after_update(model, step=0)  # the other tests' policy again
-    assert torch.equal(engine.generate(model, tok, PROMPTS, 2, temperature=0.0).response_ids, before.response_ids)
+    assert torch.equal(
+        engine.generate(model, tok, PROMPTS, 2, temperature=0.0).response_ids, before.response_ids
+    )
 
 
 @needs_vllm

@@ -268,7 +268,11 @@ class VLLMSampler(HFSampler):
             kw["enforce_eager"] = param.device.type != "cuda"
         if self.enable_sleep_mode and not torch.cuda.is_available():
             raise ValueError("sampler.enable_sleep_mode=true frees GPU memory and needs a CUDA device")
+        from lightning_entropy.rng import rng_state, set_rng_state
+
+        state = rng_state()  # vLLM seeds every global generator at start; the run's streams go on
         self.engine = build_engine(model, tokenizer, seed=0, **kw)
+        set_rng_state(state)
 
     def wake(self) -> None:
         if self.asleep:

@@ -144,8 +144,13 @@ def test_vllm_fit_syncs_weights_and_resumes_exactly(tmp_path, tiny_cache):
     """fit sampler.name=vllm for 3 steps, and 2 steps then a resume to 3: the same weights. The
     engine is synced after every update, so its log-probs stay the training model's (float32)."""
     # the entropy bonus gives a gradient while the tiny test policy earns no reward
-    common = [*VLLM, "logging.ckpt_every=1", "algo.rollout_correction=tis", "regularizer.name=entropy_bonus",
-              "regularizer.coef=0.1"]
+    common = [
+        *VLLM,
+        "logging.ckpt_every=1",
+        "algo.rollout_correction=tis",
+        "regularizer.name=entropy_bonus",
+        "regularizer.coef=0.1",
+    ]
     straight = fit(tmp_path, "straight", "trainer.max_steps=3", *common)
     first = fit(tmp_path, "resumed", "trainer.max_steps=2", *common)
     assert main(["fit", "--resume", str(first / "checkpoints" / "last.ckpt"), "trainer.max_steps=3"]) == 0

@@ -103,14 +103,42 @@ def build_engine(model: torch.nn.Module, tokenizer: Any, **engine_kwargs: Any) -
     folder (vLLM reads a model from a path)."""
     vllm = import_vllm()
     hf = unwrap(model)
+    env = {k: os.environ.get(k) for k in ENGINE_ENV}
     with tempfile.TemporaryDirectory(prefix="le_vllm_") as path:
         hf.config.save_pretrained(path)
         if getattr(hf, "generation_config", None) is not None:
             hf.generation_config.save_pretrained(path)
         tokenizer.save_pretrained(path)
+        owns_dist = not torch.distributed.is_initialized()
         llm = vllm.LLM(model=path, load_format="dummy", **engine_kwargs)
+    llm.le_restore = (owns_dist, env)
     load_weights(llm, model)
     return llm
+
+
+# variables a CPU engine sets for its own single-rank world (LOCAL_WORLD_SIZE would tell a later
+# Lightning run how many local ranks it has)
+ENGINE_ENV = ("LOCAL_WORLD_SIZE", "VLLM_DIST_IDENT")
+
+
+def close_engine(llm: Any) -> None:
+    """Shut the engine down and, where vLLM created this process's torch.distributed world of one
+    (no strategy had made one), tear that world down and restore the environment: a later run or a
+    forked process must not inherit it."""
+    owns_dist, env = llm.le_restore
+    shutdown = getattr(llm.llm_engine, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    del llm
+    if owns_dist:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def load_weights(llm: Any, model: torch.nn.Module) -> None:

@@ -241,6 +241,9 @@ class RLVRModule(L.LightningModule):
                 self.evaluate_examples(data["examples"])
             self._log_validation()
 
+    def teardown(self, stage: str) -> None:
+        self.components["sampler"].close()  # an inference engine and the process state it set up
+
     # ---- checkpoint state ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         bad = [n for n, p in self.policy.named_parameters() if not torch.isfinite(p).all()]

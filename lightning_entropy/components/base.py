@@ -57,6 +57,9 @@ class Sampler(Component):
         """Called after the updates of RL step ``step`` with the updated policy: a sampler that keeps
         its own copy of the weights (an inference engine) loads them here."""
 
+    def close(self) -> None:
+        """Called when the fit (or validation) ends: release an engine and what it holds."""
+
 
 class Reward(Component):
     # Rewards that score from the policy's own statistics (entropy, ...) set this and implement

@@ -356,6 +356,13 @@ class VLLMSampler(HFSampler):
             info=[{"prompt": prompts[i // group_size], "completion": texts[i]} for i in range(len(texts))],
         )
 
+    def close(self) -> None:
+        from lightning_entropy.engine import close_engine
+
+        if self.engine is not None:
+            close_engine(self.engine)
+            self.engine, self.asleep = None, False
+
     def after_update(self, model: torch.nn.Module, step: int) -> None:
         from lightning_entropy.engine import load_weights
 

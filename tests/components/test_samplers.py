@@ -91,7 +91,8 @@ def engine(policy):
     model, tok = policy
     sampler = VLLMSampler(max_new_tokens=6, kv_cache_gib=1 / 16)
     sampler.generate(model, tok, PROMPTS[:1], 1)  # builds the engine from the policy
-    return sampler
+    yield sampler
+    sampler.close()
 
 
 def hf_greedy(model, tok, **kw):
@@ -205,3 +206,30 @@ def test_vllm_refuses_what_it_cannot_do(policy, engine):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             VLLMSampler(enable_sleep_mode=True).build(model, tok)
+
+
+def _gloo_pair(rank, world, port):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    assert x.item() == 2
+    dist.destroy_process_group()
+
+
+@needs_vllm
+def test_closing_the_engine_restores_the_process(policy, engine):
+    """The CPU engine makes a torch.distributed world of one and sets LOCAL_WORLD_SIZE; closing it
+    (what the module's teardown does) removes both, so later runs and forked ranks start clean."""
+    import os
+
+    from tests._dist import run_two_ranks
+
+    model, tok = policy
+    assert torch.distributed.is_initialized()
+    engine.close()
+    assert not torch.distributed.is_initialized() and "LOCAL_WORLD_SIZE" not in os.environ
+    run_two_ranks(_gloo_pair)
+    engine.generate(model, tok, PROMPTS[:1], 1)  # a closed sampler builds a new engine on demand
+    assert engine.engine is not None

@@ -103,8 +103,22 @@ def test_every_shipped_config_runs_two_steps(tmp_path, tiny_cache, config):
     fit(tmp_path, config.stem, "trainer.max_steps=2", config=config)
 
 
-def test_ddp_two_cpu_processes_fit(tmp_path, tiny_cache):
-    """The real launcher path: Lightning relaunches the command once per rank."""
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        [],
+        pytest.param(
+            ["model.tiny.hidden_size=64", "sampler.name=vllm", "sampler.kv_cache_gib=0.0625"],
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"
+            ),
+        ),
+    ],
+    ids=["hf", "vllm"],
+)
+def test_ddp_two_cpu_processes_fit(tmp_path, tiny_cache, sampler):
+    """The real launcher path: Lightning relaunches the command once per rank. With vLLM each rank
+    builds its engine inside the trainer's world of two and syncs it after every update."""
     import os
     import subprocess
     import sys
@@ -122,6 +136,7 @@ def test_ddp_two_cpu_processes_fit(tmp_path, tiny_cache):
         "trainer.strategy=ddp",
         "trainer.max_steps=2",
         "logging.ckpt_every=1",
+        *sampler,
     ]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -130,6 +145,8 @@ def test_ddp_two_cpu_processes_fit(tmp_path, tiny_cache):
     series = read_metrics(runs[0])
     assert [s for s, _ in series["train/reward"]] == [0, 1]
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    if sampler:  # both ranks' engines follow the updates (max over ranks)
+        assert max(v for _, v in series["rollout/mismatch_max_abs"]) < 1e-4
 
 
 # vLLM's CPU attention has no kernel for 16-wide heads (TINY's): 64 wide, 2 heads; a 64 MiB KV cache

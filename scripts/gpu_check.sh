@@ -28,8 +28,11 @@ else
     DEVICE=(trainer.accelerator=gpu trainer.devices=1 model.dtype=bfloat16 trainer.precision=bf16-true)
     ENGINE=()
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    $PY -m pip install --quiet --upgrade pip
-    $PY -m pip install --quiet -e ".[dev,vllm]"
+    # a machine without network keeps what it has; otherwise install the GPU extras
+    if ! $PY -c "import vllm" 2>/dev/null; then
+        $PY -m pip install --quiet --upgrade pip
+        $PY -m pip install --quiet -e ".[dev,vllm]"
+    fi
 fi
 $PY -c "import torch, vllm; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'vllm', vllm.__version__)"
 

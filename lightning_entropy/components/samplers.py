@@ -268,6 +268,12 @@ class VLLMSampler(HFSampler):
             kw["enforce_eager"] = param.device.type != "cuda"
         if self.enable_sleep_mode and not torch.cuda.is_available():
             raise ValueError("sampler.enable_sleep_mode=true frees GPU memory and needs a CUDA device")
+        if param.device.type == "cuda" and param.device.index not in (None, 0):
+            # vLLM's in-process executor puts its worker on cuda:<index of its "device"> = cuda:0
+            raise ValueError(
+                f"sampler 'vllm' on {param.device}: the in-process vLLM engine always takes cuda:0, so one "
+                "engine per GPU is not supported yet; run one GPU per node, or sampler.name=hf"
+            )
         from lightning_entropy.rng import rng_state, set_rng_state
 
         state = rng_state()  # vLLM seeds every global generator at start; the run's streams go on

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-# module prefixes that wrappers (DDP, FSDP1, activation checkpointing, torch.compile) put before the
-# model's own parameter names
-WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# module names that wrappers (FSDP1, activation checkpointing, torch.compile) insert into parameter
+# names; DDP adds a leading "module"
+WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
 
 def import_vllm() -> Any:
@@ -37,10 +37,9 @@ def import_vllm() -> Any:
 
 
 def hf_name(name: str) -> str:
-    """A parameter name as ``save_pretrained`` writes it, without wrapper prefixes."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """A parameter name as ``save_pretrained`` writes it, without the wrappers' module names."""
+    parts = [p for p in name.split(".") if p not in WRAPPER_NAMES]
+    return ".".join(parts[1:] if parts[:1] == ["module"] else parts)
 
 
 def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -56,15 +56,35 @@ def _stop_string_end(tokenizer: Any, ids: list[int], stops: list[str]) -> int | 
     return lo
 
 
-def sampled_logprobs(scores: tuple[torch.Tensor, ...], response_ids: torch.Tensor) -> torch.Tensor:
-    """log-softmax of generate()'s processed scores (one [B, V] tensor per step) at the sampled
-    tokens [B, T]; one step at a time, so only one [B, V] log-softmax is alive."""
-    out = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
-    for t, s in enumerate(scores[: response_ids.shape[1]]):
-        lp = torch.log_softmax(s.float(), dim=-1).gather(1, response_ids[:, t : t + 1]).squeeze(1)
-        # a row finished earlier gets a pad its processors may have masked to -inf: not sampled
-        out[:, t] = torch.nan_to_num(lp, neginf=0.0)
-    return out
+class SampledLogprobs:
+    """The last logits processor of ``generate``: it sees each step's processed scores (temperature,
+    top-k, top-p applied), keeps that step's log-softmax until the next step shows which token was
+    drawn from it, and keeps only the drawn token's log-prob, so one [B, V] tensor is alive at a time
+    (``output_scores`` would keep all T of them)."""
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None
+        self.taken: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.taken.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def result(self, response_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probs of ``response_ids``; the last token's from the last kept distribution."""
+        T = response_ids.shape[1]
+        taken = self.taken[:T]
+        if len(taken) < T and self.prev is not None:
+            taken.append(self.prev.gather(1, response_ids[:, len(taken) : len(taken) + 1]).squeeze(1))
+        out = (
+            torch.stack(taken, 1)
+            if taken
+            else response_ids.new_zeros(response_ids.shape, dtype=torch.float32)
+        )
+        # a row that finished earlier gets pads its processors may have masked to -inf: not sampled
+        return torch.nan_to_num(out, neginf=0.0)
 
 
 @register("sampler", "hf")
@@ -114,6 +134,13 @@ class HFSampler(Sampler):
     def generate(
         self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any
     ) -> RolloutBatch:
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
         from lightning_entropy.prompts import encode_prompts
 
         temperature = overrides.get("temperature", self.temperature)
@@ -138,12 +165,17 @@ class HFSampler(Sampler):
             typical_p=1.0,
             epsilon_cutoff=0.0,
             eta_cutoff=0.0,
-            # the processed scores (temperature, top-k, top-p applied) give the rollout log-probs
-            output_scores=True,
-            return_dict_in_generate=True,
         )
+        # the warpers run as our own processors, before the one that records the sampled tokens'
+        # log-probs; generate() adds none of its own (neutral values), min_p=0 masks nothing
+        recorder = SampledLogprobs()
+        processors = []
         if not greedy:
-            kwargs.update(temperature=temperature, top_p=self.top_p, top_k=self.top_k, min_p=0.0)
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
+            processors = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+            processors += [TopKLogitsWarper(self.top_k)] if self.top_k else []
+            processors += [TopPLogitsWarper(self.top_p)] if self.top_p < 1.0 else []
+        kwargs["logits_processor"] = LogitsProcessorList([*processors, recorder])
         if self.stop:
             kwargs.update(stop_strings=self.stop, tokenizer=tokenizer)
         was_training = model.training
@@ -152,8 +184,8 @@ class HFSampler(Sampler):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
         finally:
             model.train(was_training)
-        response_ids = out.sequences[:, prompt_ids.shape[1] :]
-        sampled_lp = sampled_logprobs(out.scores, response_ids)
+        response_ids = out[:, prompt_ids.shape[1] :]
+        sampled_lp = recorder.result(response_ids)
         response_mask, truncated = response_mask_from_ids(response_ids, stops)
         if self.stop:
             # a stop string ends the response after the token that completes it; generate() pads a

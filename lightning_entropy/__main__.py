@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("components", help="list every registered component and its hyperparameters")
     c.add_argument("--import", dest="imports", action="append", default=[])
     c.add_argument("family", nargs="?", help="only this family")
+    c.add_argument("--markdown", action="store_true", help="the method table (family, name, paper)")
+    c.add_argument("--write", metavar="FILE", help="replace the method table between FILE's markers")
     sw = sub.add_parser("sweep", help="run an ablation grid (locally, or on SLURM through submitit)")
     sw.add_argument("sweep_file")
     sw.add_argument("--root", help="parent of the sweep directory (default: the file's `root`, else runs)")
@@ -86,6 +88,8 @@ def cmd_components(args: Any) -> int:
     from lightning_entropy.registry import FAMILIES
 
     import_user_modules(args.imports)
+    if args.markdown or args.write:
+        return cmd_method_table(args)
     for family, reg in FAMILIES.items():
         if args.family and family != args.family:
             continue
@@ -93,10 +97,32 @@ def cmd_components(args: Any) -> int:
         for name in reg.names():
             cls = reg.get(name)
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            if "UNVERIFIED" in (cls.__doc__ or "") and "UNVERIFIED" not in doc:
+                doc += " [UNVERIFIED values: see the docstring]"
             params = ", ".join(f"{p.name}={p.default!r}" for p in reg.params(name))
             print(f"  {name:<24} {doc}")
             print(f"  {'':<24} params: {params or '-'}")
         print()
+    return 0
+
+
+def cmd_method_table(args: Any) -> int:
+    from lightning_entropy import catalog
+
+    items = [e for e in catalog.entries() if not args.family or e.family == args.family]
+    if not args.write:
+        print(catalog.markdown_table(items), end="")
+        return 0
+    if args.family:
+        raise ConfigError("components --write renders every family; drop the family argument")
+    path = Path(args.write)
+    if not path.is_file():
+        raise ConfigError(f"components --write: no such file {path}")
+    try:
+        changed = catalog.write_table(path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    print(f"{path}: method table {'updated' if changed else 'already up to date'}")
     return 0
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_entropy.batch import AGG_MODES
+from lightning_entropy.batch import AGG_MODES, ESTIMATOR_FIELDS
 from lightning_entropy.components.losses import ROLLOUT_CORRECTIONS
 from lightning_entropy.registry import FAMILIES, RegistryError
 
@@ -187,6 +189,10 @@ FRAMEWORK_KEYS = {
     # strict: a reward that raises or returns NaN/inf stops the run (else that sample scores 0)
     "reward": ("name", "strict"),
 }  # keys of a component section that are not hyperparameters
+# Hyperparameters that belong to the setting (the task's generation budget and stops), not to the
+# method: a layer that swaps the sampler keeps them wherever the new sampler accepts them, so a recipe
+# that changes the sampler (edt, etmr) still generates what its base config's task needs.
+SETTING_KEYS = {"sampler": ("max_new_tokens", "stop_token_ids", "stop")}
 
 
 def component_kwargs(section: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -199,16 +205,12 @@ def load_config(
 ) -> DictConfig:
     """Default <- YAML file <- dot-list overrides, type-checked against the structured schema."""
     cfg = OmegaConf.structured(Config)
-    layers = []
+    layers: list[Any] = []
+    sources: list[str] = []
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            layers.append(OmegaConf.load(p))
-        except Exception as err:  # YAML syntax errors carry the line number
-            raise ConfigError(f"{p}: cannot parse YAML: {err}") from err
-        _check_top_level(p, layers[-1])
+        for file, layer in _file_layers(Path(path), ()):
+            layers.append(layer)
+            sources.append(str(file))
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' is not of the form key=value (e.g. optim.lr=1e-4)")
@@ -228,13 +230,14 @@ def load_config(
             key, raw = ov.split("=", 1)
             if "${" in raw:  # an interpolation resolves against the whole config, later
                 continue
-            if raw.strip().lower() not in ("", "null", "~") and OmegaConf.select(layers[-1], key) is None:
+            # each override parsed on its own: a later `key=null` must not be blamed on an earlier `key=16`
+            if raw.strip().lower() not in ("", "null", "~") and OmegaConf.select(OmegaConf.from_dotlist([ov]), key) is None:
                 raise ConfigError(
                     f"override '{ov}': the value parses as YAML null (a '#' starts a comment); quote it, "
                     f"e.g. \"{key}='{raw}'\""
                 )
     for i, layer in enumerate(layers):
-        where = str(path) if (path is not None and i == 0) else "command-line override"
+        where = sources[i] if i < len(sources) else "command-line override"
         # a component swapped by name drops the old one's hyperparameters
         for section in COMPONENT_SECTIONS:
             new = layer.get(section) if isinstance(layer, DictConfig) else None
@@ -244,6 +247,11 @@ def load_config(
                     for k in FRAMEWORK_KEYS.get(section, ())
                     if k != "name" and k in cfg[section]
                 }
+                keep.update(
+                    (k, cfg[section][k])
+                    for k in SETTING_KEYS.get(section, ())
+                    if k in cfg[section] and _accepts(section, str(new["name"]), k)
+                )
                 cfg[section] = {"name": new["name"], **keep}
         _switch_data_source(cfg, layer)
         try:
@@ -253,6 +261,40 @@ def load_config(
     if imports:
         cfg.imports = list(cfg.imports) + list(imports)
     return cfg
+
+
+def _accepts(section: str, name: str, key: str) -> bool:
+    """Whether component ``name`` takes hyperparameter ``key``; a name not (yet) registered, such as
+    a user component imported later, is given the benefit of the doubt (validation checks it)."""
+    registry = FAMILIES[section]
+    if name not in registry:
+        return True
+    return any(p.name == key for p in registry.params(name))
+
+
+def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, DictConfig]]:
+    """The file's ``base:`` configs (a path or a list, relative to the file), recursively, then the
+    file itself without the key: a recipe names the setting it builds on, and changes only its method."""
+    if not path.is_file():
+        named = f" (base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{named}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{chain[-1]}: base: {path} includes itself ({' -> '.join(map(str, chain))})")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors carry the line number
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from err
+    _check_top_level(path, layer)
+    bases = layer.pop("base", None)
+    if bases is None:
+        return [(path, layer)]
+    bases = [bases] if isinstance(bases, str) else list(bases) if OmegaConf.is_list(bases) else bases
+    if not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
+        raise ConfigError(f"{path}: base: must be a config file path or a list of them, got {bases!r}")
+    out: list[tuple[Path, DictConfig]] = []
+    for base in bases:
+        out += _file_layers(path.parent / base, (*chain, path.resolve()))
+    return [*out, (path, layer)]
 
 
 def _switch_data_source(cfg: DictConfig, layer: Any) -> None:
@@ -271,6 +313,7 @@ def _switch_data_source(cfg: DictConfig, layer: Any) -> None:
         cfg.data.options = {}
     if "options" in new:
         cfg.data.options = {}
+
 
 def _check_top_level(path: Path, layer: Any) -> None:
     """A config file is a mapping of sections; a list or a scalar at the top is a mistake."""
@@ -322,6 +365,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         comps = {s: build_component(cfg, s) for s in COMPONENT_SECTIONS}
     except RegistryError as err:
         raise ConfigError(str(err)) from err
+    _check_estimator_fields(cfg, comps)
+    _check_policy_layer(cfg, comps["loss"])
     agg = cfg.loss.get("agg", "token-mean")
     if agg not in AGG_MODES:
         raise ConfigError(f"loss.agg: '{agg}' is not one of {', '.join(AGG_MODES)}")
@@ -330,6 +375,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     group_size = cfg.sampler.get("group_size", 1)
     if not isinstance(group_size, int) or group_size < 1:
         raise ConfigError(f"sampler.group_size: must be an integer >= 1, got {group_size!r}")
+    try:
+        comps["sampler"].check_group_size(group_size)
+    except ValueError as err:
+        raise ConfigError(
+            f"sampler.group_size={group_size} with sampler '{cfg.sampler.name}': {err}"
+        ) from err
     if group_size == 1 and cfg.advantage.name in GROUP_BASELINES:
         raise ConfigError(
             f"sampler.group_size=1 with advantage '{cfg.advantage.name}': a group baseline needs at least "
@@ -421,6 +472,41 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     return comps
 
 
+def _check_estimator_fields(cfg: DictConfig, comps: dict[str, Any]) -> None:
+    """A component reading a field only an advantage estimator writes needs an estimator that does."""
+    from lightning_entropy.registry import ADVANTAGES
+
+    provided = comps["advantage"].provides
+    for section, comp in comps.items():
+        missing = sorted((comp.requires & ESTIMATOR_FIELDS) - provided)
+        if missing:
+            able = [n for n in ADVANTAGES.names() if set(missing) <= ADVANTAGES.get(n).provides]
+            raise ConfigError(
+                f"{section}.name={cfg[section].name} reads {', '.join(missing)}, which advantage.name="
+                f"{cfg.advantage.name} does not provide; advantages that do: {', '.join(able) or 'none'}"
+            )
+
+
+def _check_policy_layer(cfg: DictConfig, loss: Any) -> None:
+    """A loss training a layer's internal policy (BuPO) names a layer the policy has."""
+    from lightning_entropy.models import BUILTIN_PREFIX
+
+    view = loss.policy_view()
+    if view is None or view.layer is None:
+        return
+    name = str(cfg.model.name_or_path)
+    n = None
+    if name.startswith(BUILTIN_PREFIX):
+        n = int(cfg.model.tiny.num_layers)
+    elif (Path(os.path.expanduser(name)) / "config.json").is_file():
+        meta = json.loads((Path(os.path.expanduser(name)) / "config.json").read_text())
+        n = meta.get("num_hidden_layers", meta.get("n_layer"))
+    if n is not None and not view.layer < n:
+        raise ConfigError(
+            f"loss.layer={view.layer}: model.name_or_path={name} has {n} decoder layers (0-based: 0..{n - 1})"
+        )
+
+
 # estimators whose baseline compares responses to the same prompt (degenerate with one per group)
 GROUP_BASELINES = {
     "grpo",
@@ -438,6 +524,7 @@ GROUP_BASELINES = {
     "riskpo",
     "aapo",
     "reinforce_pp_baseline",
+    "copo",
 }
 
 
@@ -467,6 +554,11 @@ def _validate_data(cfg: DictConfig) -> None:
             value = d[key]
             if value is not None and not str(value).startswith("hf:") and not Path(value).exists():
                 raise ConfigError(f"data.{key}: file not found: {value}")
+        if d.answer_key is None and str(cfg.model.name_or_path).startswith("builtin:"):
+            raise ConfigError(
+                f"data.answer_key=null: the built-in policy ({cfg.model.name_or_path}) warm-starts on the "
+                f"prompt/answer pairs of data.path={d.path}; point model.name_or_path at a trained policy"
+            )
         if options:
             raise ConfigError(
                 f"data.options={options}: task options apply to built-in tasks (data.task) only, and "

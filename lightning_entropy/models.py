@@ -104,7 +104,7 @@ def warm_start(
     seed: int,
     progress: bool = True,
 ) -> list[float]:
-    """Supervised next-token training on (prompt, answer) pairs; returns the loss curve."""
+    """Supervised next-token training on (prompt, demonstration) pairs; returns the loss curve."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
@@ -116,7 +116,7 @@ def warm_start(
     for _ in bar:
         idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
         ids, mask, labels = supervised_batch(
-            tokenizer, [examples[i].prompt for i in idx], [examples[i].answer for i in idx]
+            tokenizer, [examples[i].prompt for i in idx], [examples[i].demonstration for i in idx]
         )
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -140,7 +140,7 @@ def examples_digest(examples: list[Any]) -> str:
     contents, keys, template, sizes, seed) changes the cache key, with no list of settings to forget."""
     h = hashlib.sha1()
     for ex in examples:
-        h.update(json.dumps([ex.prompt, ex.answer]).encode())
+        h.update(json.dumps([ex.prompt, ex.demonstration]).encode())
     return h.hexdigest()
 
 

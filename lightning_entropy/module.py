@@ -159,6 +159,7 @@ class RLVRModule(L.LightningModule):
         with timer("sync"):  # an engine-backed sampler loads the updated weights
             self.components["sampler"].after_update(self.policy, self.rl_step)
         R.record_rollout(self.stats, batch, self.components)  # after the update: pi_old may come from it
+        self.components["sampler"].observe(batch)
         self.last_rollout = batch
         timer.seconds["step"] = time.perf_counter() - t0
         summary = self._log_step(timer, batch)

@@ -128,13 +128,15 @@ class RolloutStage:
             return out
 
         batch = self.c["regularizer"].modify_rollout(batch, resample)
+        batch.policy_view = self.c["loss"].policy_view()  # BuPO's layer policy, ERA's top-k, or None
         with timer("old_pass"):
             self.forward.old_policy_pass(
                 policy,
                 batch,
                 ref_policy=ref_policy if self.uses_ref else None,
-                extras=bool(self.needs & OLD_PASS_EXTRAS),
+                extras=frozenset(self.needs & OLD_PASS_EXTRAS),
                 policy_stats=not self.skip_old_pass,
+                logit_scales=self.c["loss"].logit_scales,
             )
         reward = self.c["reward"]
         if reward.needs_policy_stats:
@@ -151,6 +153,8 @@ class RolloutStage:
             fixed = ~torch.isnan(o)
             adv = torch.where(fixed[:, None], o[:, None] * batch.response_mask, adv)
         batch.advantages = adv
+        for section in ("selector", "loss"):
+            self.c[section].prepare_rollout(batch)
         return batch
 
 
@@ -227,7 +231,7 @@ def evaluate(
     greedy = sampler.generate(policy, tokenizer, prompts, 1, temperature=0.0)
     score(greedy, refs, reward)
     bank.update("val/acc", correct(greedy), kind=ScalarMean)
-    drawn = sampler.generate(policy, tokenizer, prompts, samples, temperature=temperature)
+    drawn = sampler.generate(policy, tokenizer, prompts, samples, temperature=temperature, independent=True)
     score(drawn, [refs[i // samples] for i in range(drawn.size)], reward)
     bank.update("val/", correct(drawn).bool(), drawn.group_ids.cpu(), kind=pass_k)
 

@@ -25,6 +25,12 @@ class Example:
     answer: str | None  # the reference a reward verifies against; None for unsupervised data
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def demonstration(self) -> str | None:
+        """What a supervised warm-start imitates: a worked solution where the task writes one (the
+        countdown reference ``"3,5,7=22"`` is not a solution), else the reference answer."""
+        return self.meta.get("demonstration", self.answer)
+
 
 def derive_seed(*parts: Any) -> int:
     """A stable 63-bit seed from any parts (Python's hash() of str is salted per process)."""
@@ -188,17 +194,28 @@ class CountdownTask(Task):
     """Reach a target with ``difficulty`` numbers (2..4) from 1..``max_number``, each used at most once.
 
     Prompt ``"3 5 7>22:"`` (numbers, ``>``, target, ``:``); the reference is ``"3,5,7=22"`` (numbers,
-    ``=``, target), which the ``countdown`` reward parses to verify any expression. The target is built
+    ``=``, target), which the ``countdown`` reward parses to verify any solution. The target is built
     from a random expression tree over all the numbers with operators from ``ops`` (a subset of
     "+-*/"), kept when every intermediate result is an integer and the target is a positive integer,
     so every instance is solvable under either verifier mode. Problems are identified by the sorted
     numbers and the target.
+
+    The tree is the example's demonstration (what a warm-start imitates): an expression ``"(5*3)+7"``,
+    or with ``steps`` its evaluation written out, one operation per step, ``"5*3=15,15+7=22"`` (then
+    every intermediate result is also non-negative). Steps make a response of tens of characters whose
+    intermediate results are checked, a small stand-in for a written-out reasoning chain.
     """
 
     name = "countdown"
 
     def __init__(
-        self, *, difficulty: int = 3, max_number: int = 9, ops: str = "+-*", val_fraction: float = 0.1
+        self,
+        *,
+        difficulty: int = 3,
+        max_number: int = 9,
+        ops: str = "+-*",
+        steps: bool = False,
+        val_fraction: float = 0.1,
     ) -> None:
         if not 2 <= difficulty <= 4:
             raise ValueError(f"difficulty={difficulty} (count of numbers) must be in 2..4")
@@ -207,19 +224,28 @@ class CountdownTask(Task):
         if not ops or set(ops) - set("+-*/") or len(set(ops)) != len(ops):
             raise ValueError(f"ops={ops!r} must be distinct characters from '+-*/'")
         super().__init__(difficulty=difficulty, val_fraction=val_fraction)
-        self.max_number, self.ops = max_number, ops
+        self.max_number, self.ops, self.steps = max_number, ops, steps
 
     def describe(self) -> str:
-        return f"countdown(difficulty={self.difficulty}, max_number={self.max_number}, ops={self.ops!r})"
+        return (
+            f"countdown(difficulty={self.difficulty}, max_number={self.max_number}, ops={self.ops!r}, "
+            f"steps={self.steps})"
+        )
 
     def key(self, example: Example) -> str:
         return ",".join(map(str, sorted(example.meta["numbers"]))) + f"={example.meta['target']}"
 
-    def _expression(self, rng: random.Random, leaves: list[int]) -> tuple[str, Fraction] | None:
+    def _expression(
+        self, rng: random.Random, leaves: list[int], steps: list[str]
+    ) -> tuple[str, Fraction] | None:
+        """(text, value) of a random tree over ``leaves``; appends its operations to ``steps`` in
+        evaluation order. None when an operation is not allowed (inexact division; a negative result
+        with ``steps``)."""
         if len(leaves) == 1:
             return str(leaves[0]), Fraction(leaves[0])
         cut = rng.randrange(1, len(leaves))
-        left, right = self._expression(rng, leaves[:cut]), self._expression(rng, leaves[cut:])
+        left = self._expression(rng, leaves[:cut], steps)
+        right = self._expression(rng, leaves[cut:], steps)
         if left is None or right is None:
             return None
         op = rng.choice(self.ops)
@@ -235,6 +261,9 @@ class CountdownTask(Task):
             if op == "*"
             else lval / rval
         )
+        if self.steps and value < 0:
+            return None
+        steps.append(f"{lval}{op}{rval}={value}")
         # Parenthesise every sub-expression: correct whatever the precedence, and only a hint.
         ltext = ltext if len(leaves[:cut]) == 1 else f"({ltext})"
         rtext = rtext if len(leaves[cut:]) == 1 else f"({rtext})"
@@ -243,14 +272,15 @@ class CountdownTask(Task):
     def sample(self, rng: random.Random) -> Example:
         while True:
             numbers = [rng.randint(1, self.max_number) for _ in range(self.difficulty)]
-            built = self._expression(rng, rng.sample(numbers, len(numbers)))
+            steps: list[str] = []
+            built = self._expression(rng, rng.sample(numbers, len(numbers)), steps)
             if built is not None and built[1] > 0 and built[1].denominator == 1:
                 target = int(built[1])
                 prompt = " ".join(map(str, numbers)) + f">{target}:"
                 reference = ",".join(map(str, numbers)) + f"={target}"
-                return Example(
-                    prompt, reference, {"numbers": numbers, "target": target, "solution": built[0]}
-                )
+                meta = {"numbers": numbers, "target": target, "solution": built[0]}
+                meta["demonstration"] = ",".join(steps) if self.steps else built[0]
+                return Example(prompt, reference, meta)
 
 
 TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}

@@ -140,6 +140,34 @@ def test_countdown_instances_are_well_formed_and_solvable(difficulty, ops):
     assert r.tolist() == [1.0] * len(examples)
 
 
+@pytest.mark.parametrize("difficulty, ops", [(3, "+-*"), (4, "+-*/")])
+def test_countdown_steps_demonstrations_are_verified_solutions(difficulty, ops):
+    task = CountdownTask(difficulty=difficulty, ops=ops, steps=True)
+    examples = task.generate("warmstart", 200, seed=1)
+    demos = [e.demonstration for e in examples]
+    assert all(d.count("=") == difficulty - 1 and d.count(",") == difficulty - 2 for d in demos)
+    # every intermediate result written in the steps is a non-negative integer
+    assert all(int(step.split("=")[1]) >= 0 for d in demos for step in d.split(","))
+    strict = CountdownReward(use_all=True, integer_intermediates=True)
+    r, infos = strict([e.prompt for e in examples], demos, [e.answer for e in examples])
+    assert r.tolist() == [1.0] * len(examples), [i["reason"] for i in infos if not i["correct"]][:3]
+    # the reference names the problem, it is not a solution: a warm-start must imitate the steps
+    assert all(e.answer != e.demonstration for e in examples)
+    assert (
+        examples[0].demonstration
+        == CountdownTask(difficulty=difficulty, ops=ops, steps=True)
+        .generate("warmstart", 1, seed=1)[0]
+        .demonstration
+    )
+
+
+def test_demonstration_is_the_worked_solution_where_a_task_writes_one():
+    plain = CountdownTask().generate("train", 50, seed=0)
+    assert all(e.demonstration == e.meta["solution"] != e.answer for e in plain)
+    arith = ArithmeticTask(difficulty=2, reverse_answer=True).generate("train", 5, seed=0)
+    assert all(e.demonstration == e.answer for e in arith)  # the answer is the solution
+
+
 def test_countdown_key_ignores_number_order():
     task = CountdownTask()
     a = Example("3 5 7>22:", "3,5,7=22", {"numbers": [3, 5, 7], "target": 22})
@@ -205,7 +233,9 @@ def test_file_errors_name_path_key_and_existing_keys(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         load_examples(str(tmp_path / "missing.jsonl"))
     ragged = _write_jsonl(tmp_path / "r.jsonl", [RECORDS[0], {"q": "3+3="}])
-    with pytest.raises(ValueError, match=r"r\.jsonl:2: no field 'a' \(data\.answer_key\); the record has \['q'\]"):
+    with pytest.raises(
+        ValueError, match=r"r\.jsonl:2: no field 'a' \(data\.answer_key\); the record has \['q'\]"
+    ):
         load_examples(ragged, prompt_key="q", answer_key="a")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "1"}\n{oops\n')

@@ -98,9 +98,62 @@ def test_resume_continues_exactly(tmp_path, tiny_cache, regularizer):
         assert torch.equal(v, state_b[k]) if torch.is_tensor(v) else v == state_b[k], k
 
 
+# The recipes build on configs/testbed.yaml (Countdown with written-out steps, long responses); TINY
+# shrinks the model and the data, and a shorter generation budget keeps each run quick (responses are
+# truncated, which the rewards and losses must handle anyway).
+SHIPPED = ["trainer.max_steps=2", "sampler.max_new_tokens=12"]
+# configs whose method fixes the group size keep it, with a mini-batch that divides the test's rollout
+# into two optimizer steps as the shipped file does (ETMR: trees of 1 + 2 x 2 leaves; RiskPO: 5 samples
+# per prompt); one_shot_em keeps its one-prompt protocol, one update per step on its 4 samples
+SIZES = {
+    "etmr": ["sampler.group_size=5", "algo.mini_batch_size=10"],
+    "ttrl": ["sampler.group_size=5", "algo.mini_batch_size=10"],
+    "riskpo": ["sampler.group_size=5", "algo.mini_batch_size=10"],
+    "one_shot_em": ["data.train_size=1", "data.prompts_per_step=1", "algo.mini_batch_size=4"],
+}
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_runs_two_steps(tmp_path, tiny_cache, config):
-    fit(tmp_path, config.stem, "trainer.max_steps=2", config=config)
+    fit(tmp_path, config.stem, *SHIPPED, *SIZES.get(config.stem, []), config=config)
+
+
+@pytest.mark.parametrize(
+    ("config", "extra", "expect"),
+    [
+        # BuPO: layer 1's internal policy at step 0 (S_iter = 1), the full model at step 1
+        ("bupo", ["loss.bottom_up_steps=1"], {"loss/internal_policy": [1.0, 0.0]}),
+        # COPO: the blend and the answer entropy of the rollout, from the shipped config
+        (
+            "copo",
+            [],
+            dict.fromkeys(["adv/copo/blend_weight", "adv/copo/answer_entropy", "loss/local_weight"]),
+        ),
+        # ERA: every A > 0 token of every response is sharpened when omega_low exceeds any entropy;
+        # with the scripts' top-k log-probs (k = 5 of the tiny vocabulary)
+        (
+            "era",
+            ["loss.omega_low=100.0", "loss.omega_high=200.0", "loss.topk=5"],
+            {"loss/sharpened_frac": None},
+        ),
+        # Clip_V: the old pass fills N_t, the selector logs its std and the dropped share
+        ("clip_v", [], {"selector/d_std": None, "selector/clipped_neg_frac": None}),
+    ],
+    ids=["bupo", "copo", "era", "clip_v"],
+)
+def test_new_methods_log_what_they_do(tmp_path, tiny_cache, config, extra, expect):
+    run = fit(tmp_path, config, *SHIPPED, *extra, config=ROOT / "configs" / f"{config}.yaml")
+    series = read_metrics(run)
+    for key, values in expect.items():
+        assert key in series, key
+        got = [v for _, v in series[key]]
+        assert all(math.isfinite(v) for v in got), key
+        if values is not None:
+            assert got == values, key
+    if config == "era":  # the sharpened share is the positive-advantage share of the tokens
+        assert [v for _, v in series["loss/sharpened_frac"]] == pytest.approx(
+            [v for _, v in series["adv/pos_frac"]], abs=1e-6
+        )
 
 
 @pytest.mark.parametrize(
@@ -211,15 +264,29 @@ class NanFirst(ExactMatchReward):
 
 
 def fit_with_plugin(plugin, tmp_path, name, *extra):
-    assert main(["fit", "--import", str(plugin), *TINY, f"logging.root={tmp_path}", f"logging.name={name}", *extra]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--import",
+                str(plugin),
+                *TINY,
+                f"logging.root={tmp_path}",
+                f"logging.name={name}",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return tmp_path / name
 
 
 def test_nan_reward_costs_one_sample_not_the_run(tmp_path, tiny_cache):
     plugin = tmp_path / "nan_reward.py"
     plugin.write_text(NAN_REWARD)
-    run = fit_with_plugin(plugin, tmp_path, "nan", "trainer.max_steps=2", "logging.ckpt_every=1",
-                          "reward.name=nan_first")
+    run = fit_with_plugin(
+        plugin, tmp_path, "nan", "trainer.max_steps=2", "logging.ckpt_every=1", "reward.name=nan_first"
+    )
     series = read_metrics(run)
     assert [v for _, v in series["rollout/nonfinite_rewards"]] == [1.0, 1.0]
     for key in ("train/reward", "train/pg_loss", "train/grad_norm"):
@@ -229,8 +296,15 @@ def test_nan_reward_costs_one_sample_not_the_run(tmp_path, tiny_cache):
 
 
 def test_dapo_dynamic_sampling_and_overlong_shaping_run(tmp_path, tiny_cache):
-    run = fit(tmp_path, "dapo", "trainer.max_steps=2", "algo.dynamic_sampling=true", "algo.max_sampling_rounds=2",
-              "algo.overlong_buffer=2", "algo.overlong_filter=true")
+    run = fit(
+        tmp_path,
+        "dapo",
+        "trainer.max_steps=2",
+        "algo.dynamic_sampling=true",
+        "algo.max_sampling_rounds=2",
+        "algo.overlong_buffer=2",
+        "algo.overlong_filter=true",
+    )
     series = read_metrics(run)
     assert [v for _, v in series["rollout/sampling_rounds"]][0] in (1.0, 2.0)
     assert "rollout/filled_groups" in series and "time/generate" in series
@@ -240,5 +314,61 @@ def test_non_finite_reward_in_strict_mode_stops_with_the_sample_named(tmp_path, 
     plugin = tmp_path / "nan_reward.py"
     plugin.write_text(NAN_REWARD)
     with pytest.raises(RuntimeError, match="reward 'nan_first' returned nan for sample 0"):
-        fit_with_plugin(plugin, tmp_path, "strict", "trainer.max_steps=1", "reward.name=nan_first",
-                        "reward.strict=true")
+        fit_with_plugin(
+            plugin, tmp_path, "strict", "trainer.max_steps=1", "reward.name=nan_first", "reward.strict=true"
+        )
+
+
+def test_ttrl_flow_on_unlabeled_prompts(tmp_path, tiny_cache, capsys):
+    """ETTRL end to end from a file of prompts without answers: ETMR trees, majority-vote pseudo-labels
+    over each prompt's leaves, EAR advantages; no reference is read for training."""
+    import json
+
+    from lightning_entropy.tasks import make_task
+
+    prompts = [e.prompt for e in make_task("arithmetic", 2, reverse_answer=True).generate("train", 40, 0)]
+    data = tmp_path / "unlabeled.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    unlabeled = [f"data.path={data}", "data.answer_key=null"]
+    # the built-in policy cannot warm-start on prompts alone, and says so before any training
+    args = ["fit", "--config", str(ROOT / "configs" / "ttrl.yaml"), *TINY, *unlabeled, "sampler.group_size=5"]
+    assert main([*args, f"logging.root={tmp_path}", "algo.mini_batch_size=10"]) != 0
+    assert "data.answer_key=null: the built-in policy" in capsys.readouterr().err
+    fit(tmp_path, "warm", "trainer.max_steps=1")  # builds (or reuses) the cached tiny policy
+    (policy,) = [p for p in Path(tiny_cache).iterdir() if (p / "config.json").is_file()]
+    run = fit(
+        tmp_path,
+        "ttrl",
+        "trainer.max_steps=2",
+        *unlabeled,
+        f"model.name_or_path={policy}",
+        "sampler.group_size=10",
+        "algo.mini_batch_size=20",
+        "logging.ckpt_every=1",
+        config=ROOT / "configs" / "ttrl.yaml",
+    )
+    series = read_metrics(run)
+    assert [s for s, _ in series["train/reward"]] == [0, 1]
+    # each tree: 8 generated root tokens at most, branches regenerate only past their fork
+    ratios = [v for _, v in series["rollout/token_ratio"]]
+    assert all(0 < r < 1 for r in ratios), ratios
+    assert "adv/ear/y" in series and "rollout/answer_rate" in series
+    assert "val/acc" not in series  # no references: nothing to validate against
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["lightning_entropy"]
+    assert state["rl_step"] == 2
+
+
+def test_hapo_temp_samples_at_t_first_then_adapts_to_the_previous_step(tmp_path, tiny_cache):
+    run = fit(
+        tmp_path,
+        "hapo",
+        "trainer.max_steps=3",
+        "logging.ckpt_every=1",
+        config=ROOT / "configs" / "hapo_temp.yaml",
+    )
+    temps = dict(read_metrics(run)["rollout/temperature_mean"])
+    assert temps[0] == 1.0  # no statistics before the first update
+    assert temps[1] != 1.0 and temps[2] != 1.0 and 0.95 <= temps[1] <= 1.05
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["lightning_entropy"]
+    m, s, pos_max, neg_min = state["components"]["sampler"]["stats"]
+    assert s > 0 and pos_max > 0 > neg_min

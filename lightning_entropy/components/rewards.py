@@ -116,10 +116,14 @@ def _literals(node: ast.AST) -> list[int]:
     return [n.value for n in ast.walk(node) if _is_int_literal(n)]
 
 
+_STEP = re.compile(r"\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)\s*")
+
+
 @register("reward", "countdown")
 class CountdownReward(Reward):
     """Countdown: r = correct_reward iff the completion is an expression over the given numbers (each
-    at most as often as given; all of them when ``use_all``) that evaluates exactly to the target.
+    at most as often as given; all of them when ``use_all``) that evaluates exactly to the target, or
+    the same computation written out in steps ``"5*3=15,15+7=22"`` with every stated result right.
 
     Reference format ``"3,5,7=22"`` (data.py). Only digits, + - * / (true division), parentheses and
     spaces are accepted; unary minus, ``**`` and ``//`` are rejected. Evaluation is exact (Fraction), so
@@ -154,8 +158,39 @@ class CountdownReward(Reward):
         self.integer_intermediates = integer_intermediates
         self.max_length = max_length
 
+    def judge_steps(
+        self, text: str, numbers: list[int], target: int
+    ) -> tuple[bool, str | None, Fraction | None]:
+        """Written-out steps ``"5*3=15,15+7=22"``: each step combines two numbers still available (given
+        or produced by an earlier step), states its result correctly, and makes that result available;
+        the last result must be the target (and with ``use_all`` every given number consumed)."""
+        parts = text.split(",")
+        if len(parts) > max(len(numbers) - 1, 1) or len(text) > self.max_length:
+            return False, "too many steps or too long", None
+        pool, value = Counter(numbers), None
+        for k, part in enumerate(parts, 1):
+            m = _STEP.fullmatch(part)
+            if m is None:
+                return False, f"step {k} is not 'a<op>b=c'", None
+            a, op, b, stated = int(m[1]), m[2], int(m[3]), int(m[4])
+            need = Counter([a, b])
+            if need - pool:
+                return True, f"step {k}: {sorted((need - pool).elements())} not available", None
+            if op == "/" and b == 0:
+                return True, f"step {k}: division by zero", None
+            exact = {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b) if b else None}[op]
+            if exact != stated:
+                return True, f"step {k}: {a}{op}{b} is {exact}, not {stated}", None
+            pool = pool - need + Counter([stated])
+            value = Fraction(stated)
+        if self.use_all and sum(pool.values()) != 1:
+            return True, f"numbers unused: {sorted((pool - Counter([stated])).elements())}", value
+        return True, None if value == target else f"wrong value: {value}", value
+
     def judge(self, expr: str, numbers: list[int], target: int) -> tuple[bool, str | None, Fraction | None]:
         """(well_formed, reason or None when correct, exact value when it could be computed)."""
+        if "=" in expr:
+            return self.judge_steps(expr, numbers, target)
         # The character whitelist runs before ast so that names, calls, floats, underscores in
         # literals ("1_0") and non-ASCII digits never reach the parser.
         if len(expr) > self.max_length or not re.fullmatch(r"[0-9+\-*/() ]+", expr):

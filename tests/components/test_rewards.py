@@ -83,7 +83,7 @@ REF = "3,5,7=22"
         ("3**5", 0.0, "unsupported operator", False),
         ("15//7", 0.0, "unsupported operator", False),
         ("-3+5*7", 0.0, "unary operator", False),
-        ("3*5+7=22", 0.0, "invalid characters or too long", False),
+        ("3*5+7=22", 0.0, "step 1 is not 'a<op>b=c'", False),
         ("\uff13*5+7", 0.0, "invalid characters or too long", False),
         ("\u2603", 0.0, "invalid characters or too long", False),
         ("1_0+12", 0.0, "invalid characters or too long", False),
@@ -103,6 +103,43 @@ def test_countdown_hand_cases(completion, reward, reason, well_formed):
     assert infos[0]["reason"] == reason
     assert infos[0]["well_formed"] is well_formed
     assert infos[0]["correct"] is (reason is None)
+
+
+@pytest.mark.parametrize(
+    "completion, reward, reason, well_formed",
+    [
+        ("3*5=15,15+7=22", 1.0, None, True),
+        ("5*3=15,7+15=22", 1.0, None, True),
+        (" 5 * 3 = 15 , 15 + 7 = 22 ", 1.0, None, True),
+        ("7-3=4,4*5=20", 0.1, "wrong value: 20", True),  # right arithmetic, wrong target
+        ("3*5=16,16+7=23", 0.1, "step 1: 3*5 is 15, not 16", True),  # a wrong intermediate result
+        ("3*5=15,15+7=23", 0.1, "step 2: 15+7 is 22, not 23", True),
+        ("3*3=9,9+13=22", 0.1, "step 1: [3] not available", True),  # 3 used twice
+        ("3*5=15,15+15=30", 0.1, "step 2: [15] not available", True),  # a result used twice
+        ("7+15=22", 0.1, "step 1: [15] not available", True),  # a result before it is made
+        ("5-7=-2,3*5=15", 0.1, "step 2: [5] not available", True),
+        ("7/5=1,1+3=4", 0.1, "step 1: 7/5 is 7/5, not 1", True),  # inexact division is wrong
+        ("3*5=15", 0.1, "wrong value: 15", True),
+        ("3*5=15,15+7=22,1+1=2", 0.0, "too many steps or too long", False),
+        ("3*5=15,15+7", 0.0, "step 2 is not 'a<op>b=c'", False),
+        ("3*5=15;15+7=22", 0.0, "step 1 is not 'a<op>b=c'", False),
+        ("=", 0.0, "step 1 is not 'a<op>b=c'", False),
+    ],
+)
+def test_countdown_steps_hand_cases(completion, reward, reason, well_formed):
+    r, infos = CountdownReward(format_reward=0.1)([""], [completion], [REF])
+    assert r.tolist() == [pytest.approx(reward)]
+    assert infos[0]["reason"] == reason
+    assert infos[0]["well_formed"] is well_formed
+
+
+def test_countdown_steps_use_all_counts_what_is_left_in_the_pool():
+    strict = CountdownReward(use_all=True)
+    r, infos = strict([""] * 3, ["3*5=15", "5+7=12,12+3=15", "3*5=15,15+7=22"], ["3,5,7=15", "3,5,7=15", REF])
+    assert r.tolist() == [0.0, 1.0, 1.0]
+    assert infos[0]["reason"] == "numbers unused: [7]"
+    # without use_all, a subset of the numbers that reaches the target is a solution (classic Countdown)
+    assert CountdownReward()([""], ["3*5=15"], ["3,5,7=15"])[0].tolist() == [1.0]
 
 
 def test_countdown_default_gives_zero_to_every_wrong_answer():

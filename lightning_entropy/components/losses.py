@@ -1014,3 +1014,55 @@ class HAPOClipLoss(_ScopedLoss):
         loss, out = clipped_surrogate(ratio, adv, eps_low, eps_high, self.clip_c)
         out.update(h_hat=hh, low_entropy_frac=(hh <= 0).float(), eps_low_eff=eps_low, eps_high_eff=eps_high)
         return loss, out
+
+
+# ---- rollout/training mismatch (a separate inference engine samples the rollout) -------------------
+
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+# ratios pi_train / pi_rollout outside [1/2, 2] count as "far" in the mismatch metrics
+MISMATCH_RATIO_BAND = 2.0
+
+
+def rollout_log_ratio(train_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """log(pi_train / pi_rollout) per response token, 0 outside ``mask``, clamped to [-20, 20] like
+    verl's rollout correction (``SAFETY_BOUND``) so that exp() stays finite."""
+    lr = (train_logprobs - rollout_logprobs).clamp(-20.0, 20.0)
+    return torch.where(mask > 0, lr, torch.zeros_like(lr))
+
+
+def rollout_mismatch(train_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Per-token diagnostics of how far the sampling engine's log-probs are from the training model's
+    on the sampled tokens: ``k3`` = r - 1 - log r with r = pi_train / pi_rollout (an estimate of
+    KL(pi_rollout || pi_train) from rollout samples, verl's ``rollout_corr/k3_kl``), ``abs_diff`` =
+    |log pi_train - log pi_rollout| and ``far`` = 1 where r is outside [1/2, 2]."""
+    lr = rollout_log_ratio(train_logprobs, rollout_logprobs, mask)
+    return {
+        "k3": torch.exp(lr) - 1 - lr,
+        "abs_diff": lr.abs(),
+        "far": (lr.abs() > math.log(MISMATCH_RATIO_BAND)).float(),
+    }
+
+
+def rollout_correction_weights(
+    train_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, mode: str, cap: float
+) -> Tensor:
+    """Per-token weights against the rollout/training mismatch (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"; verl ``rollout_corr_helper.py`` @0b4e2a81,
+    token level), with w = pi_train / pi_rollout (pi_train = the training model's pi_old):
+
+    * ``tis``: min(w, C), multiplying the policy-gradient loss of each token (verl
+      ``compute_rollout_correction_weights``; TRL's ``token_truncate``);
+    * ``mis``: 1 where 1/C <= w <= C else 0, taking the token out of the loss and of its token-mean
+      denominator (verl ``compute_rollout_rejection_mask``, rollout_rs="token", lower bound 1/C).
+
+    Weights are detached and 0 outside ``mask``. Default C = 2 (verl's rollout_is_threshold and
+    rollout_rs_threshold; TRL's first ``vllm_importance_sampling_cap``; its current default is 3 with
+    sequence-level masking)."""
+    if mode not in ("tis", "mis"):
+        raise ValueError(f"rollout correction mode '{mode}' is not one of tis, mis")
+    w = torch.exp(rollout_log_ratio(train_logprobs, rollout_logprobs, mask)).detach()
+    if mode == "tis":
+        out = w.clamp(max=cap)
+    else:
+        out = ((w >= 1.0 / cap) & (w <= cap)).to(w.dtype)
+    return out * (mask > 0)

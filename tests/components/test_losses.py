@@ -705,6 +705,63 @@ def test_entropic_controller_entropy_keeps_float64():
     assert fn.alpha == pytest.approx(1e-9, rel=1e-6)  # float32 entropy gives 1.49e-9
 
 
+# ---- rollout/training mismatch and its correction ---------------------------------------------
+
+
+def _mismatch_case():
+    """Four response tokens and one pad; pi_train / pi_rollout = 1.5, 3, 1/3, 0.6 (and 9 on the pad)."""
+    train = torch.log(torch.tensor([[0.6, 0.9, 0.1, 0.3, 0.9]]))
+    rollout = torch.log(torch.tensor([[0.4, 0.3, 0.3, 0.5, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    return train, rollout, mask
+
+
+def test_rollout_mismatch_by_hand():
+    from lightning_entropy.components.losses import rollout_mismatch
+
+    m = rollout_mismatch(*_mismatch_case())
+    w = torch.tensor([1.5, 3.0, 1 / 3, 0.6])
+    k3 = w - 1 - torch.log(w)  # 0.094535, 0.901388, 0.431946, 0.110826
+    assert torch.allclose(m["k3"][0, :4], k3, atol=1e-5)
+    assert torch.allclose(m["abs_diff"][0, :4], torch.log(w).abs(), atol=1e-6)
+    assert m["far"][0].tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]  # outside [1/2, 2]; the pad never counts
+    assert m["k3"][0, 4] == 0 and m["abs_diff"][0, 4] == 0
+
+
+def test_rollout_correction_weights_by_hand():
+    from lightning_entropy.components.losses import rollout_correction_weights
+
+    train, rollout, mask = _mismatch_case()
+    tis = rollout_correction_weights(train, rollout, mask, "tis", 2.0)
+    assert torch.allclose(tis, torch.tensor([[1.5, 2.0, 1 / 3, 0.6, 0.0]]), atol=1e-6)  # min(w, 2)
+    mis = rollout_correction_weights(train, rollout, mask, "mis", 2.0)
+    assert mis.tolist() == [[1.0, 0.0, 0.0, 1.0, 0.0]]  # kept iff 1/2 <= w <= 2
+    mis4 = rollout_correction_weights(train, rollout, mask, "mis", 4.0)
+    assert mis4.tolist() == [[1.0, 1.0, 1.0, 1.0, 0.0]]  # [1/4, 4] keeps 1/3 and 3
+    assert not tis.requires_grad
+
+
+def test_rollout_correction_edge_cases():
+    from lightning_entropy.components.losses import rollout_correction_weights, rollout_mismatch
+
+    lp = torch.log(torch.tensor([[0.2, 0.7, 0.9]]))
+    mask = torch.ones(1, 3)
+    # identical engines: every weight 1, no mismatch
+    assert torch.allclose(rollout_correction_weights(lp, lp, mask, "tis", 2.0), torch.ones(1, 3))
+    # w = C = 1 is kept
+    assert rollout_correction_weights(lp, lp, mask, "mis", 1.0).tolist() == [[1.0, 1.0, 1.0]]
+    assert rollout_mismatch(lp, lp, mask)["k3"].abs().max() == 0
+    # an empty mask: all zeros, no NaN
+    empty = torch.zeros(1, 3)
+    for mode in ("tis", "mis"):
+        assert rollout_correction_weights(lp, lp - 50, empty, mode, 2.0).tolist() == [[0.0, 0.0, 0.0]]
+    # a token the engine gave almost no probability: the weight stays finite (log-ratio clamped at 20)
+    far = rollout_correction_weights(lp, lp - 100, mask, "tis", 1e12)
+    assert torch.isfinite(far).all() and torch.allclose(far, torch.full((1, 3), math.exp(20)), rtol=1e-5)
+    with pytest.raises(ValueError, match="not one of tis, mis"):
+        rollout_correction_weights(lp, lp, mask, "none", 2.0)
+
+
 # --------------------------------------------------------------------------------------------
 # COPO (arXiv 2508.04138): w L_ppo(A_loc) + (1 - w) L_ppo(A_glob)
 

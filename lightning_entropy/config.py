@@ -162,6 +162,8 @@ class DiagnosticsConfig:
     entropy_change: bool = False  # measured vs first-order predicted entropy change, on the same tokens
     entropy_change_every: int = 10
     entropy_change_rows: int | None = None  # measure the rollout's first rows only (null: all)
+    # also predict from the actual parameter change (grad of entropy . delta theta; one backward)
+    entropy_change_linear: bool = True
     effective_rank: bool = False  # effective rank of validation responses' last hidden states
     effective_rank_every: int = 10
     logit_lens: bool = False  # entropy of every decoder layer's logit-lens policy on validation

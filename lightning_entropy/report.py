@@ -102,7 +102,11 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], out: str | Path) -> 
 # ---- report.md: the law, measured vs predicted entropy change, the diagnostics ---------------------
 Series = dict[str, list[tuple[int, float]]]
 LAW_TARGETS = ("val/acc", "val/pass@1")
-CHANGE_PREDICTORS = {"cov": "-Cov(log pi, A)", "disc": "-mean A (S - N)"}
+CHANGE_PREDICTORS = {
+    "cov": "-Cov(log pi, A)",
+    "disc": "-mean A (S - N)",
+    "linear": "grad H . delta theta",
+}
 
 
 def law_points(series: Series, target: str) -> list[tuple[int, float, float]]:

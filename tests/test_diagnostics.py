@@ -201,7 +201,6 @@ def _diag(**kw):
 
 
 def test_entropy_change_is_measured_on_the_same_tokens_and_predicted_by_hand():
-    from lightning_entropy import ops
     from lightning_entropy.forward import _response_positions, model_inputs
 
     policy, b = _tiny_policy(), _batch()
@@ -212,29 +211,37 @@ def test_entropy_change_is_measured_on_the_same_tokens_and_predicted_by_hand():
 
     def stats():
         logits = policy(**model_inputs(b), logits_to_keep=_response_positions(b)).logits
-        return logits, *ops.naive_logprobs_and_entropy(logits, b.response_ids)
+        logp = torch.log_softmax(logits, -1)
+        return logits, logp.gather(-1, b.response_ids[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
+    m = b.response_mask.double()
+    logits0, lp0, h0 = stats()
+    params = list(policy.parameters())
+    g = torch.autograd.grad((h0 * m).sum(), params)  # d sum_t H_t / d theta, by autograd here
+    logits0, lp0, h0 = logits0.detach(), lp0.detach(), h0.detach()
+    gen = torch.Generator().manual_seed(3)
+    steps = [1e-5 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     with torch.no_grad():
-        logits0, lp0, h0 = stats()
-        for p in policy.parameters():  # any parameter change: the measurement must follow it
-            p.add_(0.05 * torch.randn_like(p))
+        for p, d in zip(params, steps):  # any parameter change: the measurement must follow it
+            p.add_(d)
         _, _, h1 = stats()
     diag.after_update(policy, bank)
     out = {k: v.item() for k, v in bank.compute().items()}
-    m = b.response_mask.double()
-    assert out["diag/dH_measured"] == pytest.approx(((h1 - h0) * m).sum().item() / m.sum().item(), rel=1e-6)
+    measured = ((h1 - h0) * m).sum().item() / m.sum().item()
+    assert out["diag/dH_measured"] == pytest.approx(measured, rel=1e-6)
+    # the linearised change g . delta theta (token-mean), and it is the first-order size of the change
+    linear = sum((gi * d).sum().item() for gi, d in zip(g, steps)) / m.sum().item()
+    assert out["diag/dH_pred_linear"] == pytest.approx(linear, rel=1e-4)
+    assert out["diag/dH_pred_linear"] == pytest.approx(measured, rel=1e-2)
     # -Cov(log p, A) over the valid tokens, centred over all of them
     x, y = lp0[m > 0], b.advantages.double()[m > 0]
-    assert out["diag/dH_pred_cov"] == pytest.approx(
-        -((x - x.mean()) * (y - y.mean())).mean().item(), rel=1e-6
-    )
+    cov = ((x - x.mean()) * (y - y.mean())).mean().item()
+    assert out["diag/dH_pred_cov"] == pytest.approx(-cov, rel=1e-6)
     p = torch.softmax(logits0, -1)
     pt = lp0.exp()
     n = (p * p * (h0[..., None] + p.log())).sum(-1)
     disc = -b.advantages * (pt * (h0 + lp0) - n)
-    assert out["diag/dH_pred_disc"] == pytest.approx(
-        (disc * m).sum().item() / m.sum().item(), rel=1e-5
-    )  # fp32
+    assert out["diag/dH_pred_disc"] == pytest.approx((disc * m).sum().item() / m.sum().item(), rel=1e-6)
     assert diag._before is None  # nothing is kept between steps
 
 

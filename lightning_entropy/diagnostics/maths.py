@@ -23,13 +23,15 @@ def discriminator_terms(
     logit step z_k += eps changes the entropy by -eps S_k to first order. N_t = E_{v~pi_t}[S_v] =
     sum_v p_v^2 (H_t + log p_v) is its vocabulary baseline (Clip_V, METHODS §8.2): the softmax
     policy-gradient step z += eps A (onehot(t) - p) changes the entropy by -eps A (S_t - N_t).
-    Rows are processed ``chunk_size`` at a time so a large vocabulary never holds [B*T, V] in fp32.
+    Rows are processed ``chunk_size`` at a time so a large vocabulary never holds [B*T, V] in fp32;
+    the maths runs in fp32, or fp64 for fp64 logits.
     """
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     shape = targets.shape
     flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     outs: list[list[Tensor]] = [[], [], [], []]
     for i in range(0, tgt.numel(), chunk_size):
-        logp_v = torch.log_softmax(flat[i : i + chunk_size].to(torch.float32) / temperature, -1)
+        logp_v = torch.log_softmax(flat[i : i + chunk_size].to(work) / temperature, -1)
         p_v = logp_v.exp()
         h = -(p_v * logp_v.clamp_min(-1e4)).sum(-1)
         lp = logp_v.gather(1, tgt[i : i + chunk_size, None]).squeeze(1)

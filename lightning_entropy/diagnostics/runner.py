@@ -5,6 +5,8 @@ Training step (``before_update`` / ``after_update`` around the update, ``on_roll
                             prompts before and after the step's updates (no sampling noise)
     diag/dH_pred_cov        -Cov(log pi, A), METHODS §6.2's batch estimator, per unit step
     diag/dH_pred_disc       -mean_t A_t (S_t - N_t), the discriminator of METHODS §6.3, per unit step
+    diag/dH_pred_linear     grad_theta mean_t H_t . (theta_after - theta_before): the exact first-order
+                            change of the actual update, whatever the optimizer (one extra backward)
     diag/corr_*, slope_*    running Pearson correlation and slope of measured on predicted
     train/answer_entropy, train/distinct_answers   per group, METHODS §6.5
 Validation: val/pass@k for every k, val/support, val/answer_entropy, val/distinct_answers,
@@ -24,7 +26,7 @@ from torch import Tensor
 from lightning_entropy.batch import RolloutBatch
 from lightning_entropy.diagnostics import maths as M
 from lightning_entropy.forward import PolicyForward, _response_positions, model_inputs
-from lightning_entropy.metrics import Covariance, MetricBank, ScalarMean, TokenMean
+from lightning_entropy.metrics import Covariance, MetricBank, ScalarMean, SumRatio, TokenMean
 
 LAW_TARGETS = ("val/acc", "val/pass@1")
 
@@ -34,7 +36,7 @@ class Diagnostics:
 
     def __init__(self, cfg: Any, forward: PolicyForward) -> None:
         self.cfg, self.forward = cfg, forward
-        self.fits = {"cov": M.RunningFit(), "disc": M.RunningFit()}
+        self.fits = {"cov": M.RunningFit(), "disc": M.RunningFit(), "linear": M.RunningFit()}
         self.law_points: list[tuple[float, float, float]] = []  # (H, val/acc, val/pass@1)
         self.pending: dict[int, dict[str, float]] = {}  # validations waiting for their step's entropy
         self._before: tuple[RolloutBatch, tuple[Tensor, ...]] | None = None
@@ -47,32 +49,51 @@ class Diagnostics:
         return list(range(1, samples + 1)) if self.cfg.pass_at_all_k else list(ks)
 
     # ---- measured vs predicted entropy change ---------------------------------------------------
-    @torch.no_grad()
-    def _terms(self, policy: torch.nn.Module, b: RolloutBatch) -> tuple[Tensor, ...]:
+    def _terms(self, policy: torch.nn.Module, b: RolloutBatch, grad: bool = False) -> tuple[Tensor, ...]:
+        """(H, log p, S, N) per token; with ``grad`` also g = d sum_t H_t / d theta (one backward)."""
+        from lightning_entropy import ops
+
         was = policy.training
         policy.eval()
+        params = [p for p in policy.parameters() if p.requires_grad] if grad else []
+        g = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         parts = []
         for mb in self.forward.micro_batches(b):
-            logits = self.forward.logits(policy, mb)
-            parts.append(
-                M.discriminator_terms(
-                    logits, mb.response_ids, self.forward.temperature, self.forward.chunk_size
+            with torch.set_grad_enabled(grad):
+                logits = self.forward.logits(policy, mb)
+                if grad:
+                    ent = ops.logprobs_and_entropy(
+                        logits,
+                        mb.response_ids,
+                        temperature=self.forward.temperature,
+                        chunk_size=self.forward.chunk_size,
+                        entropy_grad=True,
+                    )[1]
+                    parts_g = torch.autograd.grad((ent * mb.response_mask).sum(), params, allow_unused=True)
+                    for acc, gi in zip(g, parts_g):
+                        if gi is not None:
+                            acc += gi
+            with torch.no_grad():
+                t = self.forward.temperature
+                parts.append(
+                    M.discriminator_terms(logits.detach(), mb.response_ids, t, self.forward.chunk_size)
                 )
-            )
             del logits
         policy.train(was)
-        return tuple(torch.cat(x) for x in zip(*parts))
+        return *(torch.cat(x) for x in zip(*parts)), (params, g)
 
     def before_update(self, policy: torch.nn.Module, batch: RolloutBatch, step: int) -> None:
         c = self.cfg
         if self.due(c.entropy_change, c.entropy_change_every, step):
             rows = batch.index(slice(0, c.entropy_change_rows)) if c.entropy_change_rows else batch
-            self._before = (rows, self._terms(policy, rows))
+            terms = self._terms(policy, rows, grad=c.entropy_change_linear)
+            params, g = terms[-1]
+            self._before = (rows, terms[:-1], g, _dot(g, params))
 
     def after_update(self, policy: torch.nn.Module, bank: MetricBank) -> None:
         if self._before is None:
             return
-        rows, (h0, lp, s, n) = self._before
+        rows, (h0, lp, s, n), g, dot0 = self._before
         self._before = None
         h1 = self._terms(policy, rows)[0]
         adv = rows.advantages
@@ -81,6 +102,9 @@ class Diagnostics:
         bank.update("diag/dH_measured", h1 - h0, mask)
         bank.update("diag/dH_pred_cov", -lp, adv, mask, kind=Covariance)
         bank.update("diag/dH_pred_disc", M.predicted_change_discriminator(adv, s, n), mask)
+        if g:  # g . (theta_after - theta_before) over this rank's tokens; pooled: the token-mean
+            params = [p for p in policy.parameters() if p.requires_grad]
+            bank.update("diag/dH_pred_linear", _dot(g, params) - dot0, mask.sum(), kind=SumRatio)
 
     # ---- answers ------------------------------------------------------------------------------
     def on_rollout(self, batch: RolloutBatch, bank: MetricBank, prefix: str = "train/") -> None:
@@ -157,7 +181,8 @@ class Diagnostics:
         out: dict[str, float] = {}
         if "diag/dH_measured" in values:
             for name, fit in self.fits.items():
-                fit.update(values[f"diag/dH_pred_{name}"], values["diag/dH_measured"])
+                if f"diag/dH_pred_{name}" in values:
+                    fit.update(values[f"diag/dH_pred_{name}"], values["diag/dH_measured"])
                 out[f"diag/corr_{name}"], out[f"diag/slope_{name}"] = fit.corr, fit.slope
         val = self.pending.pop(step, None)
         if val is not None and "train/entropy" in values:
@@ -185,3 +210,8 @@ class Diagnostics:
             f.load_state_dict(state.get("fits", {}).get(k, {}))
         self.law_points = [tuple(p) for p in state.get("law_points", [])]
         self.pending = {int(k): dict(v) for k, v in state.get("pending", {}).items()}
+
+
+def _dot(g: list[Tensor], params: list[Tensor]) -> float:
+    """sum_i g_i . p_i in float64 (the first-order change is a small difference of two such sums)."""
+    return float(sum((gi * p.detach().to(torch.float64)).sum() for gi, p in zip(g, params))) if g else 0.0

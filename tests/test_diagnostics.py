@@ -243,6 +243,11 @@ def test_entropy_change_is_measured_on_the_same_tokens_and_predicted_by_hand():
     disc = -b.advantages * (pt * (h0 + lp0) - n)
     assert out["diag/dH_pred_disc"] == pytest.approx((disc * m).sum().item() / m.sum().item(), rel=1e-6)
     assert diag._before is None  # nothing is kept between steps
+    # the token-level correlation of each token's change with its own -A_t (S_t - N_t)
+    dh, d = (h1 - h0)[m > 0], disc[m > 0]
+    corr = ((dh - dh.mean()) * (d - d.mean())).mean() / (dh.std(unbiased=False) * d.std(unbiased=False))
+    assert diag.step_values(2, out)["diag/token_corr_disc"] == pytest.approx(corr.item(), rel=1e-6)
+    assert not any(k.startswith("diag/_tok") for k in out)
 
 
 def test_logit_lens_and_effective_rank_on_a_tiny_model_by_hand():

@@ -8,6 +8,8 @@ Training step (``before_update`` / ``after_update`` around the update, ``on_roll
     diag/dH_pred_linear     grad_theta mean_t H_t . (theta_after - theta_before): the exact first-order
                             change of the actual update, whatever the optimizer (one extra backward)
     diag/corr_*, slope_*    running Pearson correlation and slope of measured on predicted
+    diag/token_corr_disc    within the step, over tokens: correlation of H_after - H_before with
+                            -A_t (S_t - N_t) (is each token's own first-order direction right?)
     train/answer_entropy, train/distinct_answers   per group, METHODS §6.5
 Validation: val/pass@k for every k, val/support, val/answer_entropy, val/distinct_answers,
 val/effective_rank, val/lens_entropy_layer<k>; and law/* (the entropy-performance law, §6.1), fitted
@@ -101,7 +103,11 @@ class Diagnostics:
         bank.update("diag/entropy_before", h0, mask)
         bank.update("diag/dH_measured", h1 - h0, mask)
         bank.update("diag/dH_pred_cov", -lp, adv, mask, kind=Covariance)
-        bank.update("diag/dH_pred_disc", M.predicted_change_discriminator(adv, s, n), mask)
+        pred = M.predicted_change_discriminator(adv, s, n)
+        bank.update("diag/dH_pred_disc", pred, mask)
+        dh = h1 - h0  # token level: does each token's entropy move the way its own S_t says?
+        for key, x, y in (("cov", pred, dh), ("var_pred", pred, pred), ("var_meas", dh, dh)):
+            bank.update(f"diag/_tok_{key}", x, y, mask, kind=Covariance)
         if g:  # g . (theta_after - theta_before) over this rank's tokens; pooled: the token-mean
             params = [p for p in policy.parameters() if p.requires_grad]
             bank.update("diag/dH_pred_linear", _dot(g, params) - dot0, mask.sum(), kind=SumRatio)
@@ -177,8 +183,13 @@ class Diagnostics:
             self.pending[step] = {k: values[k] for k in LAW_TARGETS if k in values}
 
     def step_values(self, step: int, values: dict[str, float]) -> dict[str, float]:
-        """Numbers derived from the pooled step values: running fits and the law's coefficients."""
+        """Numbers derived from the pooled step values: running fits and the law's coefficients.
+        The token-level moments (``diag/_tok_*``) are taken out of ``values``: only their correlation
+        is logged."""
         out: dict[str, float] = {}
+        tok = [values.pop(f"diag/_tok_{k}", math.nan) for k in ("cov", "var_pred", "var_meas")]
+        if tok[1] > 0 and tok[2] > 0:
+            out["diag/token_corr_disc"] = tok[0] / math.sqrt(tok[1] * tok[2])
         if "diag/dH_measured" in values:
             for name, fit in self.fits.items():
                 if f"diag/dH_pred_{name}" in values:

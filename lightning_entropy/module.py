@@ -165,9 +165,8 @@ class RLVRModule(L.LightningModule):
                 self.manual_backward,
                 self.stats,
             )
-        self.diagnostics.after_update(self.policy, self.stats)
         R.record_rollout(self.stats, batch, self.components)  # after the update: pi_old may come from it
-        self.diagnostics.on_rollout(batch, self.stats)
+        self.diagnostics.after_update(self.policy, batch, self.stats)
         self.last_rollout = batch
         timer.seconds["step"] = time.perf_counter() - t0
         summary = self._log_step(timer, batch)

@@ -225,7 +225,7 @@ def test_entropy_change_is_measured_on_the_same_tokens_and_predicted_by_hand():
         for p, d in zip(params, steps):  # any parameter change: the measurement must follow it
             p.add_(d)
         _, _, h1 = stats()
-    diag.after_update(policy, bank)
+    diag.after_update(policy, b, bank)
     out = {k: v.item() for k, v in bank.compute().items()}
     measured = ((h1 - h0) * m).sum().item() / m.sum().item()
     assert out["diag/dH_measured"] == pytest.approx(measured, rel=1e-6)

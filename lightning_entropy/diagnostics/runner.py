@@ -1,6 +1,6 @@
 """When and on what the diagnostics run; every number goes through the step's ``MetricBank``.
 
-Training step (``before_update`` / ``after_update`` around the update, ``on_rollout`` after it):
+Training step (``before_update`` / ``after_update`` around the update):
     diag/dH_measured        mean over the measured tokens of H_after - H_before, the same tokens and
                             prompts before and after the step's updates (no sampling noise)
     diag/dH_pred_cov        -Cov(log pi, A), METHODS §6.2's batch estimator, per unit step
@@ -92,7 +92,9 @@ class Diagnostics:
             params, g = terms[-1]
             self._before = (rows, terms[:-1], g, _dot(g, params))
 
-    def after_update(self, policy: torch.nn.Module, bank: MetricBank) -> None:
+    def after_update(self, policy: torch.nn.Module, batch: RolloutBatch, bank: MetricBank) -> None:
+        """The step's answer statistics, and the entropy change when ``before_update`` measured."""
+        self.on_rollout(batch, bank)
         if self._before is None:
             return
         rows, (h0, lp, s, n), g, dot0 = self._before

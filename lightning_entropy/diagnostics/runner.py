@@ -3,8 +3,12 @@
 Training step (``before_update`` / ``after_update`` around the update):
     diag/dH_measured        mean over the measured tokens of H_after - H_before, the same tokens and
                             prompts before and after the step's updates (no sampling noise)
-    diag/dH_pred_cov        -Cov(log pi, A), METHODS §6.2's batch estimator, per unit step
-    diag/dH_pred_disc       -mean_t A_t (S_t - N_t), the discriminator of METHODS §6.3, per unit step
+    diag/dH_pred_cov        -Cov(log pi, A), METHODS §6.2's batch estimator, per unit step (the
+                            law's exact constants are [UNVERIFIED] in METHODS; the correlation and
+                            slope do not depend on them)
+    diag/dH_pred_disc       -mean_t A_t (S_t - N_t), the discriminator of METHODS §6.3, per unit step:
+                            the softmax policy-gradient first order; arXiv 2602.03392's own GRPO
+                            expression is only partially known (METHODS marks it partial)
     diag/dH_pred_linear     grad_theta mean_t H_t . (theta_after - theta_before): the exact first-order
                             change of the actual update, whatever the optimizer (one extra backward)
     diag/corr_*, slope_*    running Pearson correlation and slope of measured on predicted
@@ -12,9 +16,10 @@ Training step (``before_update`` / ``after_update`` around the update):
                             -A_t (S_t - N_t) (is each token's own first-order direction right?)
     train/answer_entropy, train/distinct_answers   per group, METHODS §6.5
 Validation: val/pass@k for every k, val/support, val/answer_entropy, val/distinct_answers,
-val/effective_rank, val/lens_entropy_layer<k>; and law/* (the entropy-performance law, §6.1), fitted
-when the step's rollout entropy is known (a validation at step s pairs with the rollout of step s,
-drawn by the same policy).
+val/effective_rank (of the last hidden states of each response: arXiv 2509.23808's layer and axis
+are not known, METHODS §8.12), val/lens_entropy_layer<k>; and law/* (the entropy-performance law,
+§6.1), fitted when the step's rollout entropy is known (a validation at step s pairs with the
+rollout of step s, drawn by the same policy).
 """
 
 from __future__ import annotations
@@ -147,6 +152,11 @@ class Diagnostics:
         """One forward per micro-batch: ER of the last hidden states at the response tokens, and the
         entropy of every decoder layer's logit-lens policy at the positions predicting them."""
         decoder, head = policy.get_decoder(), policy.get_output_embeddings()
+        if lens and not (hasattr(decoder, "layers") and hasattr(decoder, "norm")):
+            raise RuntimeError(
+                f"diagnostics.logit_lens needs a decoder with .layers and .norm (Llama/Qwen-style); "
+                f"{type(decoder).__name__} has not both: set diagnostics.logit_lens=false"
+            )
         outputs: list[Tensor] = []
         hooks = (
             [

@@ -312,3 +312,20 @@ def test_diagnostics_config_errors_name_the_key():
         validate(load_config(None, ["diagnostics.entropy_change_rows=6"]))
     with pytest.raises(ConfigError, match="diagnostics"):
         load_config(None, ["diagnostics.entropy_chnage=true"])
+
+
+def test_entropy_change_rows_measure_the_first_groups_only():
+    from lightning_entropy import ops
+    from lightning_entropy.forward import _response_positions, model_inputs
+
+    policy, b = _tiny_policy(), _batch()
+    diag, bank = _diag(entropy_change=True, entropy_change_rows=2, entropy_change_linear=False), MetricBank()
+    diag.before_update(policy, b, step=0)
+    diag.after_update(policy, b, bank)  # nothing changed: the measured change is exactly 0
+    out = {k: v.item() for k, v in bank.compute().items()}
+    with torch.no_grad():
+        logits = policy(**model_inputs(b), logits_to_keep=_response_positions(b)).logits
+    h = ops.naive_logprobs_and_entropy(logits, b.response_ids)[1][:2]
+    m = b.response_mask[:2].double()
+    assert out["diag/entropy_before"] == pytest.approx(((h * m).sum() / m.sum()).item(), rel=1e-6)
+    assert out["diag/dH_measured"] == 0.0 and "diag/dH_pred_linear" not in out

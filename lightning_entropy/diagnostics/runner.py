@@ -46,7 +46,8 @@ class Diagnostics:
         self.fits = {"cov": M.RunningFit(), "disc": M.RunningFit(), "linear": M.RunningFit()}
         self.law_points: list[tuple[float, float, float]] = []  # (H, val/acc, val/pass@1)
         self.pending: dict[int, dict[str, float]] = {}  # validations waiting for their step's entropy
-        self._before: tuple[RolloutBatch, tuple[Tensor, ...]] | None = None
+        # (measured rows, their (H, log p, S, N) before the update, grad of sum H, grad . theta)
+        self._before: tuple[RolloutBatch, tuple[Tensor, ...], list[Tensor], float] | None = None
 
     @staticmethod
     def due(on: bool, every: int, step: int) -> bool:

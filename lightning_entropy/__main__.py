@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("components", help="list every registered component and its hyperparameters")
     c.add_argument("--import", dest="imports", action="append", default=[])
     c.add_argument("family", nargs="?", help="only this family")
+    c.add_argument("--markdown", action="store_true", help="the method table (family, name, paper)")
+    c.add_argument("--write", metavar="FILE", help="replace the method table between FILE's markers")
     sw = sub.add_parser("sweep", help="run an ablation grid (locally, or on SLURM through submitit)")
     sw.add_argument("sweep_file")
     sw.add_argument("--root", help="parent of the sweep directory (default: the file's `root`, else runs)")
@@ -90,6 +92,8 @@ def cmd_components(args: Any) -> int:
     from lightning_entropy.registry import FAMILIES
 
     import_user_modules(args.imports)
+    if args.markdown or args.write:
+        return cmd_method_table(args)
     for family, reg in FAMILIES.items():
         if args.family and family != args.family:
             continue
@@ -97,10 +101,32 @@ def cmd_components(args: Any) -> int:
         for name in reg.names():
             cls = reg.get(name)
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            if "UNVERIFIED" in (cls.__doc__ or "") and "UNVERIFIED" not in doc:
+                doc += " [UNVERIFIED values: see the docstring]"
             params = ", ".join(f"{p.name}={p.default!r}" for p in reg.params(name))
             print(f"  {name:<24} {doc}")
             print(f"  {'':<24} params: {params or '-'}")
         print()
+    return 0
+
+
+def cmd_method_table(args: Any) -> int:
+    from lightning_entropy import catalog
+
+    items = [e for e in catalog.entries() if not args.family or e.family == args.family]
+    if not args.write:
+        print(catalog.markdown_table(items), end="")
+        return 0
+    if args.family:
+        raise ConfigError("components --write renders every family; drop the family argument")
+    path = Path(args.write)
+    if not path.is_file():
+        raise ConfigError(f"components --write: no such file {path}")
+    try:
+        changed = catalog.write_table(path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    print(f"{path}: method table {'updated' if changed else 'already up to date'}")
     return 0
 
 
@@ -259,8 +285,9 @@ def _run(
 
     from lightning_entropy.callbacks import GracefulStop
     from lightning_entropy.checkpointing import AtomicCheckpointIO
-    from lightning_entropy.export import POLICY_CONFIG, save_policy, save_policy_config
+    from lightning_entropy.export import POLICY_CONFIG, save_policy_config
     from lightning_entropy.loggers import SampleTable, build_loggers
+    from lightning_entropy.strategies import build_strategy, refresh_last_checkpoint
 
     policy_path = prepare_policy(cfg, datamodule)
     if not validate_only and _env_rank() == 0 and not (run_dir / POLICY_CONFIG).exists():
@@ -286,7 +313,7 @@ def _run(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(t.strategy),
         precision=t.precision,
         max_steps=t.max_steps * per_step,
         deterministic=t.deterministic,
@@ -319,11 +346,9 @@ def _run(
         if trainer.is_global_zero:
             print(stopper.report(module.rl_step), file=sys.stderr)
         return 128 + int(stopper.stopped)
+    refresh_last_checkpoint(trainer, t.strategy, run_dir / "checkpoints")  # final/ is exported from it
     if trainer.is_global_zero:
-        if _sharded(t.strategy):
-            print(f"final/ not written under strategy {t.strategy}: the policy is sharded", file=sys.stderr)
-        else:
-            save_policy(module.policy, module.tokenizer, run_dir / "final")
+        _save_final(t.strategy, module, run_dir)
         print(
             f"\nRun finished in {time.time() - start:.0f}s: {run_dir} (trained policy: {run_dir / 'final'})"
         )
@@ -346,8 +371,22 @@ def cmd_export(source: Path, out: Path) -> int:
     return 0
 
 
-def _sharded(strategy: Any) -> bool:
-    return any(s in str(strategy).lower() for s in ("fsdp", "deepspeed"))
+def _save_final(strategy: Any, module: Any, run_dir: Path) -> None:
+    """final/: the policy itself, or under a sharded strategy the full-state last.ckpt exported (a
+    DeepSpeed checkpoint is a folder of shards: `export` cannot read it)."""
+    import shutil
+
+    from lightning_entropy.export import export_checkpoint, save_policy
+    from lightning_entropy.strategies import full_checkpoint, is_sharded
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not is_sharded(strategy):
+        save_policy(module.policy, module.tokenizer, run_dir / "final")
+    elif full_checkpoint(last):
+        shutil.rmtree(run_dir / "final", ignore_errors=True)  # as save_policy replaces an older final/
+        export_checkpoint(last, run_dir / "final")
+    else:
+        print(f"final/ not written under strategy {strategy}: {last} is not one file", file=sys.stderr)
 
 
 def prepare_data(cfg: DictConfig, datamodule: Any) -> None:

@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# RolloutBatch fields that only an advantage estimator fills (declared in its ``provides``).
+ESTIMATOR_FIELDS = frozenset({"global_advantages", "blend_weights"})
+
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -32,6 +35,21 @@ class AggNorm:
     world_size: int = 1
 
 
+@dataclass(frozen=True)
+class PolicyView:
+    """Which distribution the log-probs of a batch are taken under, when a loss trains another one
+    than the full model's softmax(z / T):
+
+    ``layer``: a decoder layer's internal policy softmax(W_U h_layer / T) (BuPO's logit lens), 0-based
+    (the output of decoder layer ``layer``); ``final_norm`` applies the final norm to h first.
+    ``topk``: log p over the top-k logits renormalised, -1e4 outside them (ERA's scripts).
+    """
+
+    layer: int | None = None
+    final_norm: bool = False
+    topk: int | None = None
+
+
 @dataclass
 class RolloutBatch:
     prompt_ids: Tensor  # [B, P] left-padded
@@ -44,14 +62,32 @@ class RolloutBatch:
     old_logprobs: Tensor | None = None  # [B, T] pi_old at the training temperature
     entropy: Tensor | None = None  # [B, T] full-vocabulary entropy (nats) of pi_old
     ref_logprobs: Tensor | None = None  # [B, T] only when a KL term is on
+    # [B, T] log-prob of each sampled token under the distribution it was drawn from (the sampler's
+    # temperature, top-k and top-p applied; the engine's own numerics), 0 on padding
+    rollout_logprobs: Tensor | None = None
     advantages: Tensor | None = None  # [B, T]
     token_weights: Tensor | None = None  # [B, T]
+    step_weights: Tensor | None = None  # [B, T] a selector's weights fixed over the rollout (scope: step)
     # Optional per-token old-policy extras, filled only when a component lists them in `requires`.
     self_certainty: Tensor | None = None  # [B, T] logsumexp(z) - mean_v(z)  (UCAS)
     sampled_logits: Tensor | None = None  # [B, T] raw logit of the sampled token (UCAS)
+    # [B, T] sum_v p_v^2 (H + log p_v) at the training temperature (Clip_V's vocabulary baseline)
+    discriminator_baseline: Tensor | None = None
     paired_rewards: Tensor | None = None  # [B] reward of a second, index-paired sample (AAPO)
     # [B] an advantage fixed by a regularizer for the whole response (AEPO); NaN keeps the estimator's
     advantage_override: Tensor | None = None
+    # Written by an advantage estimator that lists them in ``provides`` (COPO), read by a loss that
+    # lists them in ``requires``: a second advantage and each response's weight on the first one.
+    global_advantages: Tensor | None = None  # [B, T]
+    blend_weights: Tensor | None = None  # [B] in [0, 1]: loss = w L(advantages) + (1 - w) L(global)
+    # A loss that trains under transformed logits z' = s z (ERA): log pi_old at each of its
+    # ``logit_scales`` [B, T, S] from the old-policy pass, and the per-token s it fixes after the
+    # advantages (``PolicyLoss.prepare_rollout``), which the update's forward then applies.
+    scaled_old_logprobs: Tensor | None = None
+    logit_scale: Tensor | None = None  # [B, T]
+    # The distribution the log-probs of this batch are taken under, when not the full model's
+    # (BuPO's layer policy, ERA's top-k); set from the loss's ``policy_view()`` before the old pass.
+    policy_view: PolicyView | None = None
     info: list[dict[str, Any]] = field(default_factory=list)
     agg_norm: AggNorm | None = None
 

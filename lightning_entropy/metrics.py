@@ -354,11 +354,9 @@ def _new_metric(kind: Callable[..., Metric]) -> Metric:
 
 
 def _sum_states(m: Metric) -> list[str]:
-    return (
-        [s for s, fx in m._reductions.items() if fx is dim_zero_sum and isinstance(getattr(m, s), Tensor)]
-        if _only_sum_states(m)
-        else []
-    )
+    return [
+        s for s, fx in m._reductions.items() if fx is dim_zero_sum and isinstance(getattr(m, s), Tensor)
+    ] if _only_sum_states(m) else []
 
 
 def _only_sum_states(m: Metric) -> bool:

@@ -28,7 +28,8 @@ from lightning_entropy.forward import PolicyForward
 from lightning_entropy.health import HealthMonitor
 from lightning_entropy.metrics import MetricBank, PassAtK, PhaseTimer, SumRatio
 from lightning_entropy.models import load_policy, load_tokenizer
-from lightning_entropy.rng import rng_state, set_rng_state
+from lightning_entropy.rng import gathered_rng_states, restore_rank_rng, seed_rank_stream
+from lightning_entropy.strategies import gathered_for_generation, shard_model
 from lightning_entropy.update import PolicyUpdate, UpdateSchedule, build_optimizer
 
 TASK_REWARDS = {"arithmetic": "exact_match", "countdown": "countdown"}
@@ -52,11 +53,7 @@ class RLVRModule(L.LightningModule):
         self.last_step_stats: dict[str, float] = {}
         self.last_validation: dict[str, float] = {}
         self.val_reward = self._val_reward()
-        temperature = (
-            a.temperature
-            if a.temperature is not None
-            else float(getattr(c["sampler"], "temperature", 1.0) or 1.0)
-        )
+        temperature = a.temperature if a.temperature is not None else float(getattr(c["sampler"], "temperature", 1.0) or 1.0)
         self.forward_cfg = PolicyForward(temperature, a.chunk_size, a.logits_from_hidden, a.micro_batch_size)
         max_new = int(getattr(c["sampler"], "max_new_tokens", 0) or 0)
         self.rollout_stage = R.RolloutStage(
@@ -81,6 +78,7 @@ class RLVRModule(L.LightningModule):
             kl_type=a.kl_type,
             grad_clip=cfg.optim.grad_clip,
             drop_truncated=a.overlong_filter,
+            rollout_correction=(a.rollout_correction, a.rollout_correction_cap),
         )
         self.health = HealthMonitor(**OmegaConf.to_container(cfg.health), warn=rank_zero_warn)
         self.stats, self.val_stats = MetricBank(), MetricBank()
@@ -90,9 +88,7 @@ class RLVRModule(L.LightningModule):
     # ---- model and optimizer ---------------------------------------------------------------
     @property
     def uses_ref(self) -> bool:
-        return self.cfg.algo.kl_coef > 0 or any(
-            "ref_logprobs" in c.requires for c in self.components.values()
-        )
+        return self.cfg.algo.kl_coef > 0 or any("ref_logprobs" in c.requires for c in self.components.values())
 
     @property
     def rollout_size(self) -> int:
@@ -111,7 +107,11 @@ class RLVRModule(L.LightningModule):
             and self.updates_per_step == 1
             and not any(c.needs_old_pass for c in self.components.values())
             and not self.components["reward"].needs_policy_stats
+            and self.cfg.algo.rollout_correction != "mis"  # masks tokens before the first forward
         )
+
+    def setup(self, stage: str) -> None:
+        seed_rank_stream(self.cfg.seed, self.global_rank)  # each rank samples from its own stream
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -127,12 +127,15 @@ class RLVRModule(L.LightningModule):
         if self.uses_ref:
             self.ref_policy = load_policy(self.policy_path, dtype=m.dtype)  # frozen, eval: no dropout
             self.ref_policy.requires_grad_(False).eval()
+        mesh = getattr(self, "_device_mesh", None)  # set by the fsdp2 strategy (strategies.FSDP2Strategy)
+        if mesh is not None:
+            for model in (self.policy, self.ref_policy):
+                if model is not None:
+                    shard_model(model, mesh["data_parallel"])
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt, sched = build_optimizer(
-            params, self.cfg.optim, self.cfg.trainer.max_steps * self.updates_per_step
-        )
+        opt, sched = build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps * self.updates_per_step)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _val_reward(self) -> Any:
@@ -149,9 +152,10 @@ class RLVRModule(L.LightningModule):
         timer, t0 = PhaseTimer(), time.perf_counter()
         dm = self.trainer.datamodule
         extra = partial(_extra_examples, dm, self.rl_step, self.global_rank)
-        batch = self.rollout_stage(
-            self.policy, self.ref_policy, data["examples"], int(data["group_offset"]), timer, extra
-        )
+        with gathered_for_generation(self.policy):  # sharded policies: gathered once, not per token
+            batch = self.rollout_stage(
+                self.policy, self.ref_policy, data["examples"], int(data["group_offset"]), timer, extra
+            )
         self._warn_if_clipping_cannot_act()
         self.diagnostics.before_update(self.policy, batch, self.rl_step)
         with timer("update"):
@@ -165,7 +169,10 @@ class RLVRModule(L.LightningModule):
                 self.manual_backward,
                 self.stats,
             )
+        with timer("sync"):  # an engine-backed sampler loads the updated weights
+            self.components["sampler"].after_update(self.policy, self.rl_step)
         R.record_rollout(self.stats, batch, self.components)  # after the update: pi_old may come from it
+        self.components["sampler"].observe(batch)
         self.diagnostics.after_update(self.policy, batch, self.stats)
         self.last_rollout = batch
         timer.seconds["step"] = time.perf_counter() - t0
@@ -177,7 +184,7 @@ class RLVRModule(L.LightningModule):
             dm.mark_consumed(int(data["index"]))
 
     def _log_step(self, timer: PhaseTimer, batch: Any) -> dict[str, float]:
-        for phase in ("generate", "score", "old_pass", "update", "step"):  # means over ranks
+        for phase in ("generate", "score", "old_pass", "update", "sync", "step"):  # means over ranks
             self.stats.update(f"time/{phase}", timer.seconds.get(phase, 0.0), 1.0, kind=SumRatio)
         # generated tokens per second of the whole step, per rank
         speed = float(batch.response_mask.sum()) / max(timer.seconds["step"], 1e-9)
@@ -217,17 +224,11 @@ class RLVRModule(L.LightningModule):
             return
         lg = self.cfg.logging
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), gathered_for_generation(self.policy):
             torch.manual_seed(self.cfg.seed * 1_000_003 + self.rl_step)
             drawn, correct = R.evaluate(
-                self.components["sampler"],
-                self.policy,
-                self.tokenizer,
-                examples,
-                self.val_reward,
-                lg.val_samples,
-                lg.val_temperature,
-                self.val_stats,
+                self.components["sampler"], self.policy, self.tokenizer, examples, self.val_reward,
+                lg.val_samples, lg.val_temperature, self.val_stats,
                 partial(PassAtK, ks=self.diagnostics.pass_ks(list(lg.pass_k), lg.val_samples)),
             )
         self.diagnostics.on_validation(self.policy, drawn, correct, self.rl_step, self.val_stats)
@@ -259,19 +260,20 @@ class RLVRModule(L.LightningModule):
                 self.evaluate_examples(data["examples"])
             self._log_validation()
 
+    def teardown(self, stage: str) -> None:
+        self.components["sampler"].close()  # an inference engine and the process state it set up
+
     # ---- checkpoint state ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         bad = [n for n, p in self.policy.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never leave a poisoned checkpoint to resume from
-            raise RuntimeError(
-                f"refusing to write a checkpoint: {len(bad)} policy tensors are non-finite ({bad[0]}, ...)"
-            )
+            raise RuntimeError(f"refusing to write a checkpoint: {len(bad)} policy tensors are non-finite ({bad[0]}, ...)")
         checkpoint["lightning_entropy"] = {
             "rl_step": self.rl_step,
             "health": self.health.state_dict(),
             "components": {s: c.state_dict() for s, c in self.components.items()},
             "diagnostics": self.diagnostics.state_dict(),
-            "rng": rng_state(),
+            "rng_by_rank": gathered_rng_states(),  # each rank resumes its own sampling stream
             "config": saved_container(self.cfg),  # ${oc.env:...} kept unresolved (secrets)
         }
         drop_reference_weights(checkpoint)  # rebuilt from its path on resume
@@ -284,7 +286,13 @@ class RLVRModule(L.LightningModule):
         for s, c in self.components.items():
             c.load_state_dict(state["components"].get(s, {}))
         self.diagnostics.load_state_dict(state.get("diagnostics", {}))
-        set_rng_state(state["rng"])
+        states = state.get("rng_by_rank") or [state["rng"]]  # older checkpoints: rank 0's state only
+        if not restore_rank_rng(states, self.global_rank, self.cfg.seed, self.rl_step):
+            warnings.warn(
+                f"rank {self.global_rank}: the checkpoint holds the RNG states of {len(states)} rank(s); "
+                "this rank starts a new sampling stream (the resume is not bit-exact)",
+                stacklevel=2,
+            )
 
 
 def _extra_examples(dm: Any, step: int, rank: int, round_: int, n: int) -> list[Any]:

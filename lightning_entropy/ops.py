@@ -25,8 +25,13 @@ from torch import Tensor
 _LOGP_FLOOR = -1e4
 
 
-def _check(temperature: float, chunk_size: int) -> None:
-    if not temperature > 0:
+# A temperature is one float, or one per row of the flattened [N, V] logits (a per-token logit
+# transform z' = s z is the temperature T / s at that token: ERA).
+Temp = float | Tensor
+
+
+def _check(temperature: Temp, chunk_size: int) -> None:
+    if not bool((torch.as_tensor(temperature) > 0).all()):
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -48,10 +53,29 @@ def _flat_view(x: Tensor) -> Tensor | None:
         return None
 
 
-def _to_fp32_scaled(chunk: Tensor, temperature: float, owned: bool = False) -> Tensor:
+def _rows(temperature: Temp, i: int, j: int) -> Temp:
+    """The temperature of flattened rows i:j (a [j - i, 1] column when there is one per row)."""
+    return temperature[i:j, None] if isinstance(temperature, Tensor) else temperature
+
+
+def _div_(x: Tensor, temperature: Temp) -> Tensor:
+    return x.div_(temperature) if isinstance(temperature, Tensor) or temperature != 1.0 else x
+
+
+def _flat_temperature(temperature: Temp, targets: Tensor) -> Temp:
+    if not isinstance(temperature, Tensor):
+        return float(temperature)
+    if temperature.shape != targets.shape:
+        raise ValueError(
+            f"per-token temperature shape {tuple(temperature.shape)} != targets shape {tuple(targets.shape)}"
+        )
+    return temperature.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def _to_fp32_scaled(chunk: Tensor, temperature: Temp, owned: bool = False) -> Tensor:
     """A private fp32 copy of ``chunk`` divided by the temperature (safe to modify in place)."""
     z = chunk.to(torch.float32) if owned else chunk.to(torch.float32, copy=True)
-    return z.div_(temperature) if temperature != 1.0 else z
+    return _div_(z, temperature)
 
 
 def _chunk_stats(z: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -97,7 +121,7 @@ class _LogpEntropy(torch.autograd.Function):
         ent = torch.empty(n if compute_entropy else 0, dtype=torch.float32, device=logits.device)
         for i in range(0, n, chunk_size):
             j = min(i + chunk_size, n)
-            z = _to_fp32_scaled(_row_chunk(logits, flat, i, j), temperature)
+            z = _to_fp32_scaled(_row_chunk(logits, flat, i, j), _rows(temperature, i, j))
             lp, lse[i:j], e = _chunk_stats(z, tflat[i:j], compute_entropy)
             logp[i:j] = lp
             if e is not None:
@@ -121,7 +145,7 @@ class _LogpEntropy(torch.autograd.Function):
         g_h = g_ent.reshape(-1).float() if (ctx.entropy_grad and g_ent is not None) else None
         for i in range(0, n, ctx.chunk_size):
             j = min(i + ctx.chunk_size, n)
-            z = _to_fp32_scaled(_row_chunk(logits, flat, i, j), T)
+            z = _to_fp32_scaled(_row_chunk(logits, flat, i, j), _rows(T, i, j))
             gz = _chunk_grad(
                 z,
                 tflat[i:j],
@@ -130,7 +154,7 @@ class _LogpEntropy(torch.autograd.Function):
                 g_lp[i:j],
                 None if g_h is None else g_h[i:j],
             )
-            gflat[i:j] = gz.div_(T) if T != 1.0 else gz
+            gflat[i:j] = _div_(gz, _rows(T, i, j))
             del z, gz  # or the next chunk's buffers are made while these are still alive
         return grad, None, None, None, None, None
 
@@ -139,12 +163,14 @@ def logprobs_and_entropy(
     logits: Tensor,
     targets: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Temp = 1.0,
     chunk_size: int = 1024,
     entropy_grad: bool = False,
     compute_entropy: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """fp32 log p(targets) [B, T] and full-vocabulary entropy [B, T] of softmax(logits / temperature).
+
+    ``temperature`` is a float or a [B, T] tensor of per-token temperatures.
 
     ``logits`` [B, T, V] in any float dtype; log-probs are differentiable when ``logits`` requires
     grad, the entropy only when ``entropy_grad`` (else it is detached). ``compute_entropy=False``
@@ -156,7 +182,12 @@ def logprobs_and_entropy(
             f"targets shape {tuple(targets.shape)} != logits shape[:-1] {tuple(logits.shape[:-1])}"
         )
     logp, ent = _LogpEntropy.apply(
-        logits, targets.long(), float(temperature), int(chunk_size), bool(entropy_grad), bool(compute_entropy)
+        logits,
+        targets.long(),
+        _flat_temperature(temperature, targets),
+        int(chunk_size),
+        bool(entropy_grad),
+        bool(compute_entropy),
     )
     return logp, (ent if compute_entropy else None)
 
@@ -181,7 +212,7 @@ class _HiddenLogpEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for i in range(0, n, chunk_size):
                 j = min(i + chunk_size, n)
-                z = _to_fp32_scaled(F.linear(h[i:j].to(cdt), w, b), temperature, owned=True)
+                z = _to_fp32_scaled(F.linear(h[i:j].to(cdt), w, b), _rows(temperature, i, j), owned=True)
                 lp, lse[i:j], e = _chunk_stats(z, tflat[i:j], compute_entropy)
                 logp[i:j] = lp
                 if e is not None:
@@ -215,7 +246,7 @@ class _HiddenLogpEntropy(torch.autograd.Function):
             for i in range(0, n, ctx.chunk_size):
                 j = min(i + ctx.chunk_size, n)
                 hc = h[i:j].to(cdt)
-                z = _to_fp32_scaled(F.linear(hc, w, b), T, owned=True)
+                z = _to_fp32_scaled(F.linear(hc, w, b), _rows(T, i, j), owned=True)
                 gz = _chunk_grad(
                     z,
                     tflat[i:j],
@@ -224,8 +255,7 @@ class _HiddenLogpEntropy(torch.autograd.Function):
                     g_lp[i:j],
                     None if g_h is None else g_h[i:j],
                 )
-                if T != 1.0:
-                    gz.div_(T)
+                _div_(gz, _rows(T, i, j))
                 if grad_b is not None:
                     grad_b += gz.sum(0)
                 gzc = gz.to(cdt)
@@ -248,7 +278,7 @@ def logprobs_and_entropy_from_hidden(
     targets: Tensor,
     *,
     lm_head_bias: Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: Temp = 1.0,
     chunk_size: int = 1024,
     entropy_grad: bool = False,
     compute_entropy: bool = True,
@@ -269,7 +299,7 @@ def logprobs_and_entropy_from_hidden(
         lm_head_weight,
         lm_head_bias,
         targets.long(),
-        float(temperature),
+        _flat_temperature(temperature, targets),
         int(chunk_size),
         bool(entropy_grad),
         bool(compute_entropy),
@@ -307,17 +337,67 @@ def self_certainty_and_token_logit(
     return cert.view(targets.shape), tok.view(targets.shape)
 
 
+@torch.no_grad()
+def discriminator_baseline(
+    logits: Tensor, entropy: Tensor, temperature: float = 1.0, chunk_size: int = 1024
+) -> Tensor:
+    """Clip_V's vocabulary baseline (arXiv 2602.03392, METHODS §8.2), no grad, fp32 [B, T]:
+    N_t = E_{v~p}[p_v (H_t + log p_v)] = H_t sum_v p_v^2 + sum_v p_v^2 log p_v, p = softmax(logits / T).
+
+    ``entropy`` [B, T] is H_t of the same distribution (the old-policy pass already has it). One fp32
+    [chunk, V] buffer at a time, as the Trinity-RFT ``compute_N_from_logits`` on the whole batch.
+    """
+    _check(temperature, chunk_size)
+    if entropy.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"entropy shape {tuple(entropy.shape)} != logits shape[:-1] {tuple(logits.shape[:-1])}"
+        )
+    flat, n, hflat = _flat_view(logits), entropy.numel(), entropy.reshape(-1).float()
+    out = torch.empty(n, dtype=torch.float32, device=logits.device)
+    for i in range(0, n, chunk_size):
+        j = min(i + chunk_size, n)
+        z = _to_fp32_scaled(_row_chunk(logits, flat, i, j), temperature)
+        z = torch.log_softmax(z, -1).clamp_(min=_LOGP_FLOOR)  # log p; p^2 log p is 0 below the floor
+        p2 = z.exp().square_()
+        out[i:j] = hflat[i:j] * p2.sum(-1) + p2.mul_(z).sum(-1)
+        del z, p2
+    return out.view(entropy.shape)
+
+
+def topk_logprobs(logits: Tensor, targets: Tensor, k: int, *, temperature: Temp = 1.0) -> Tensor:
+    """log p(targets) [B, T] under the top-k logits renormalised (ERA's ``logprobs_from_logits_topk``,
+    arXiv 2510.08549): z_t - logsumexp(top-k z) when the target is among the k largest logits, else
+    -1e4 (a constant: no gradient). z = logits / temperature (a float or [B, T]); the top-k is taken
+    on the raw logits (the same set for any positive temperature), so no scaled [N, V] copy is made.
+    """
+    _check(temperature, 1)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} != logits shape[:-1] {tuple(logits.shape[:-1])}"
+        )
+    if k < 1:
+        raise ValueError(f"top-k must be >= 1, got {k}")
+    top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    t = temperature[..., None] if isinstance(temperature, Tensor) else temperature
+    lse = torch.logsumexp(top.float() / t, -1)
+    target = logits.gather(-1, targets.long()[..., None]).squeeze(-1).float()
+    chosen = (idx == targets.long()[..., None]).any(-1)
+    t = temperature if isinstance(temperature, Tensor) else float(temperature)
+    return torch.where(chosen, target / t - lse, torch.full_like(lse, _LOGP_FLOOR))
+
+
 def naive_logprobs_and_entropy(
     logits: Tensor,
     targets: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Temp = 1.0,
     entropy_grad: bool = False,
     compute_entropy: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Reference: plain ``log_softmax`` over the whole fp32 [B, T, V] (for tests and the benchmark)."""
     z = logits.float()
-    logp_all = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+    t = temperature.unsqueeze(-1) if isinstance(temperature, Tensor) else temperature
+    logp_all = torch.log_softmax(z / t, dim=-1)
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not compute_entropy:
         return logp, None

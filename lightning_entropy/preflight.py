@@ -68,7 +68,9 @@ def precision_names() -> list[Any]:
 def strategy_names() -> list[str]:
     from lightning.pytorch.strategies import StrategyRegistry
 
-    return ["auto", *StrategyRegistry.available_strategies()]
+    from lightning_entropy.strategies import FSDP2
+
+    return ["auto", *StrategyRegistry.available_strategies(), FSDP2]
 
 
 def accelerator_names() -> list[str]:
@@ -91,6 +93,10 @@ def check_trainer(cfg: DictConfig) -> None:
             f"trainer.strategy={t.strategy!r} is not a Lightning strategy{_closest(t.strategy, names)} "
             f"(registered: {', '.join(names)})"
         )
+    from lightning_entropy.strategies import strategy_error
+
+    if t.accelerator == "cpu" and (why := strategy_error(t.strategy, t.accelerator, cuda=False)):
+        raise ConfigError(why)
     precisions = precision_names()
     if t.precision not in precisions:
         raise ConfigError(
@@ -153,8 +159,12 @@ def check_accelerator_available(cfg: DictConfig) -> None:
     a sweep for a GPU cluster is checked on a login node without one)."""
     import torch
 
+    from lightning_entropy.strategies import strategy_error
+
     t = cfg.trainer
     accel = t.accelerator
+    if why := strategy_error(t.strategy, accel, cuda=torch.cuda.is_available()):
+        raise ConfigError(why)
     if not isinstance(accel, str) or accel in ("auto", "cpu"):
         return
     if accel in ("gpu", "cuda"):

@@ -50,11 +50,7 @@ class RolloutStage:
 
     # ---- sampling and scoring ----------------------------------------------------------------
     def sample(
-        self,
-        policy: torch.nn.Module,
-        examples: list[Any],
-        group_offset: int,
-        timer: PhaseTimer,
+        self, policy: torch.nn.Module, examples: list[Any], group_offset: int, timer: PhaseTimer,
         temperature: float | None = None,
     ) -> RolloutBatch:
         """``group_size`` responses per example, scored by a text reward (if the reward is one)."""
@@ -105,9 +101,7 @@ class RolloutStage:
         dropped = len(spare)
         groups = (kept + spare)[:want]
         self.c["sampler"].metrics.update(
-            sampling_rounds=float(rounds),
-            dropped_groups=float(dropped),
-            filled_groups=float(max(0, want - len(kept))),
+            sampling_rounds=float(rounds), dropped_groups=float(dropped), filled_groups=float(max(0, want - len(kept)))
         )
         return RolloutBatch.cat(groups, pad_id=self.tokenizer.pad_token_id or 0)
 
@@ -134,13 +128,15 @@ class RolloutStage:
             return out
 
         batch = self.c["regularizer"].modify_rollout(batch, resample)
+        batch.policy_view = self.c["loss"].policy_view()  # BuPO's layer policy, ERA's top-k, or None
         with timer("old_pass"):
             self.forward.old_policy_pass(
                 policy,
                 batch,
                 ref_policy=ref_policy if self.uses_ref else None,
-                extras=bool(self.needs & OLD_PASS_EXTRAS),
+                extras=frozenset(self.needs & OLD_PASS_EXTRAS),
                 policy_stats=not self.skip_old_pass,
+                logit_scales=self.c["loss"].logit_scales,
             )
         reward = self.c["reward"]
         if reward.needs_policy_stats:
@@ -157,6 +153,8 @@ class RolloutStage:
             fixed = ~torch.isnan(o)
             adv = torch.where(fixed[:, None], o[:, None] * batch.response_mask, adv)
         batch.advantages = adv
+        for section in ("selector", "loss"):
+            self.c[section].prepare_rollout(batch)
         return batch
 
 
@@ -234,7 +232,7 @@ def evaluate(
     greedy = sampler.generate(policy, tokenizer, prompts, 1, temperature=0.0)
     score(greedy, refs, reward)
     bank.update("val/acc", correct(greedy), kind=ScalarMean)
-    drawn = sampler.generate(policy, tokenizer, prompts, samples, temperature=temperature)
+    drawn = sampler.generate(policy, tokenizer, prompts, samples, temperature=temperature, independent=True)
     score(drawn, [refs[i // samples] for i in range(drawn.size)], reward)
     hits = correct(drawn)
     bank.update("val/", hits.bool(), drawn.group_ids.cpu(), kind=pass_k)
@@ -256,6 +254,8 @@ def record_rollout(bank: MetricBank, batch: RolloutBatch, components: dict[str, 
     bank.update("train/entropy_", batch.entropy, mask, kind=TokenQuantiles)  # -> train/entropy_p10 ...
     bank.update("train/cov_logp_adv", batch.old_logprobs, batch.advantages, mask, kind=Covariance)
     bank.update("train/zero_var_groups", r, batch.group_ids, kind=ZeroVarianceGroups)
+    if batch.rollout_logprobs is not None:  # the sampler's log-probs against the training model's
+        record_mismatch(bank, batch)
     adv = batch.advantages
     bank.update("adv/mean", adv, mask)
     bank.update("adv/std", adv[mask > 0], kind=RewardStd)
@@ -275,3 +275,19 @@ def record_rollout(bank: MetricBank, batch: RolloutBatch, components: dict[str, 
         for k, v in comp.metrics.items():
             bank.tokens(prefix + k, v, mask)
         comp.metrics.clear()
+
+
+def record_mismatch(bank: MetricBank, batch: RolloutBatch) -> None:
+    """Rollout vs training log-probs of the sampled tokens: ``rollout/mismatch_k3`` (token-mean k3
+    estimate of KL(pi_rollout || pi_train)), ``rollout/mismatch_max_abs`` (largest |log-prob
+    difference|, max over ranks) and ``rollout/mismatch_far_frac`` (share of tokens whose ratio
+    pi_train / pi_rollout is outside [1/2, 2])."""
+    from torchmetrics.aggregation import MaxMetric
+
+    from lightning_entropy.components.losses import rollout_mismatch
+
+    mask = batch.response_mask.float()
+    m = rollout_mismatch(batch.old_logprobs, batch.rollout_logprobs, mask)
+    bank.update("rollout/mismatch_k3", m["k3"], mask)
+    bank.update("rollout/mismatch_max_abs", m["abs_diff"].max().reshape(1), kind=MaxMetric)
+    bank.update("rollout/mismatch_far_frac", m["far"], mask)

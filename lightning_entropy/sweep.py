@@ -10,6 +10,8 @@ every seed) is one ordinary ``fit`` run in ``<root>/<sweep name>/<run name>``::
     grid:
       loss.name: [ppo, clip_cov, kl_cov]
       regularizer: [{name: none}, {name: entropy_bonus, coef: 0.001}]
+      # or whole recipes: `config: [../grpo.yaml, ../clip_cov.yaml]` (files relative to the sweep
+      # file; each replaces `base` for its runs and is labelled by its stem)
     launcher: local                   # or slurm (needs the `submitit` extra)
     slurm: {partition: gpu, timeout_min: 240, gpus_per_node: 1, cpus_per_task: 8}
 
@@ -47,6 +49,7 @@ class Run:
     point: str = ""  # the grid point (the name without its seed): seeds of one point are averaged
     seed: int | None = None
     values: dict[str, Any] = field(default_factory=dict)  # grid key -> value, for error messages
+    config: str | None = None  # the run's config file (the grid's `config` value, else the base)
 
 
 def _as_overrides(key: str, value: Any) -> list[str]:
@@ -66,6 +69,8 @@ def _fmt(v: Any) -> str:
 
 
 def _label(key: str, value: Any) -> str:
+    if key == "config":
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", Path(value).stem)
     short = key.split(".")[-1]
     if isinstance(value, dict):
         text = "-".join(f"{k}{v}" if k != "name" else str(v) for k, v in value.items())
@@ -92,29 +97,42 @@ def load_sweep(path: str | Path) -> tuple[dict[str, Any], list[Run]]:
         raise ConfigError(f"{path}: launcher '{spec['launcher']}' is not one of local, slurm")
     spec.setdefault("name", path.stem)
     if spec.get("base"):
-        spec["base"] = (
-            str((path.parent / spec["base"]).resolve())
-            if not Path(spec["base"]).is_absolute()
-            else spec["base"]
-        )
+        spec["base"] = str(_relative_to(path, spec["base"]))
+    if "config" in grid:
+        if any(not isinstance(v, str) for v in grid["config"]):
+            raise ConfigError(f"{path}: grid 'config' must list config file paths, got {grid['config']}")
+        grid["config"] = [str(_relative_to(path, v)) for v in grid["config"]]
+        missing = [v for v in grid["config"] if not Path(v).is_file()]
+        if missing:
+            raise ConfigError(f"{path}: grid 'config': file not found: {missing[0]}")
     seeds = spec.get("seeds") or [None]
     keys = list(grid)
     runs = []
     for values in itertools.product(*(grid[k] for k in keys)):
         point = "__".join(_label(k, v) for k, v in zip(keys, values))
+        chosen = dict(zip(keys, values))
         for seed in seeds:
-            overrides = [o for k, v in zip(keys, values) for o in _as_overrides(k, v)]
+            overrides = [o for k, v in chosen.items() if k != "config" for o in _as_overrides(k, v)]
             label = point
             if seed is not None:
                 overrides.append(f"seed={seed}")
                 label += f"__seed{seed}"
             runs.append(
                 Run(
-                    label, list(spec.get("overrides") or []) + overrides, point, seed, dict(zip(keys, values))
+                    label,
+                    list(spec.get("overrides") or []) + overrides,
+                    point,
+                    seed,
+                    dict(chosen),
+                    chosen.get("config", spec.get("base")),
                 )
             )
     _refuse_collisions(path, runs)
     return spec, runs
+
+
+def _relative_to(sweep_file: Path, item: str) -> Path:
+    return Path(item) if Path(item).is_absolute() else (sweep_file.parent / item).resolve()
 
 
 def _refuse_collisions(path: Path, runs: list[Run]) -> None:
@@ -137,7 +155,7 @@ def check_runs(spec: dict[str, Any], runs: list[Run]) -> None:
     import_user_modules(list(spec.get("imports") or []))
     for run in runs:
         try:
-            validate(load_config(spec.get("base"), run.overrides))
+            validate(load_config(run.config, run.overrides))
         except ConfigError as err:
             raise ConfigError(f"sweep run '{run.name}': {err}") from err
 
@@ -148,7 +166,7 @@ def fit_args(spec: dict[str, Any], run: Run, sweep_dir: Path) -> list[str]:
     if ckpt.is_file():
         # the run's saved config.yaml (imports included) is the config; the grid is not re-applied
         return ["fit", "--resume", str(ckpt), "logging.progress=false"]
-    args = ["fit"] + (["--config", spec["base"]] if spec.get("base") else [])
+    args = ["fit"] + (["--config", run.config] if run.config else [])
     for item in spec.get("imports") or []:
         args += ["--import", item]
     return (

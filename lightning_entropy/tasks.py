@@ -51,9 +51,12 @@ class Task(ABC):
 
     name: ClassVar[str] = ""
 
-    def __init__(self, *, difficulty: int, val_fraction: float) -> None:
+    def __init__(self, *, difficulty: int, val_fraction: float, warmstart_fraction: float = 0.0) -> None:
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+        if not 0.0 <= warmstart_fraction < 1.0:
+            raise ValueError(f"warmstart_fraction={warmstart_fraction} must be in [0, 1)")
+        self.warmstart_fraction = warmstart_fraction
         self.difficulty = difficulty
         self.val_fraction = val_fraction
 
@@ -74,14 +77,26 @@ class Task(ABC):
     def is_validation(self, key: str, seed: int) -> bool:
         return derive_seed(seed, "split", key) / 2**63 < self.val_fraction
 
-    def _side(self, listed: list[Example], seed: int, want_val: bool) -> tuple[Example, ...]:
+    def in_split(self, split: str, key: str, seed: int) -> bool:
+        """Validation is a seeded-hash share ``val_fraction`` of the space. With ``warmstart_fraction``
+        > 0, that share of the rest is kept for the warm-start and never drawn for training, so RL
+        starts on problems the warm-started policy has not memorised; with 0, the warm-start draws
+        from the training side."""
+        if self.is_validation(key, seed):
+            return split == "validation"
+        if split == "validation":
+            return False
+        if self.warmstart_fraction == 0.0:
+            return True
+        reserved = derive_seed(seed, "warmstart", key) / 2**63 < self.warmstart_fraction
+        return reserved == (split == "warmstart")
+
+    def _side(self, listed: list[Example], seed: int, split: str) -> tuple[Example, ...]:
         # Cached: setup, warm-start and tests ask for several splits of the same listed space.
         cache = self.__dict__.setdefault("_sides", {})
-        if (seed, want_val) not in cache:
-            cache[seed, want_val] = tuple(
-                ex for ex in listed if self.is_validation(self.key(ex), seed) == want_val
-            )
-        return cache[seed, want_val]
+        if (seed, split) not in cache:
+            cache[seed, split] = tuple(ex for ex in listed if self.in_split(split, self.key(ex), seed))
+        return cache[seed, split]
 
     def generate(self, split: str, n: int, seed: int) -> list[Example]:
         """``n`` distinct problems of ``split``; the same arguments always give the same list, and a
@@ -89,16 +104,16 @@ class Task(ABC):
         split = _split_name(split)
         if n < 0:
             raise ValueError(f"n={n} must be >= 0")
-        want_val = split == "validation"
         rng = random.Random(derive_seed(seed, "draw", split))
         listed = self.space()
         if listed is not None:
-            pool = list(self._side(listed, seed, want_val))
+            pool = list(self._side(listed, seed, split))
             if n > len(pool):
                 raise ValueError(
                     f"{self.describe()}: the {split} split needs {n} distinct problems but its side of "
-                    f"the space holds {len(pool)} of {len(listed)} (val_fraction={self.val_fraction}); "
-                    "lower the size, change val_fraction, or raise the difficulty"
+                    f"the space holds {len(pool)} of {len(listed)} (val_fraction={self.val_fraction}, "
+                    f"warmstart_fraction={self.warmstart_fraction}); lower the size, change the fractions, or raise "
+                    "the difficulty"
                 )
             rng.shuffle(pool)
             return pool[:n]
@@ -107,13 +122,14 @@ class Task(ABC):
             if draws >= 100 * n + 10_000:
                 raise ValueError(
                     f"{self.describe()}: the {split} split needs {n} distinct problems but only "
-                    f"{len(out)} were found in {draws} draws (val_fraction={self.val_fraction}); "
+                    f"{len(out)} were found in {draws} draws (val_fraction={self.val_fraction}, "
+                    f"warmstart_fraction={self.warmstart_fraction}); "
                     "the problem space is too small: lower the size or raise the difficulty"
                 )
             ex = self.sample(rng)
             draws += 1
             k = self.key(ex)
-            if k not in seen and self.is_validation(k, seed) == want_val:
+            if k not in seen and self.in_split(split, k, seed):
                 seen.add(k)
                 out.append(ex)
         return out
@@ -138,6 +154,7 @@ class ArithmeticTask(Task):
         reverse_answer: bool = False,
         n_operands: int = 2,
         val_fraction: float = 0.1,
+        warmstart_fraction: float = 0.0,
     ) -> None:
         if not 1 <= difficulty <= 4:
             raise ValueError(f"difficulty={difficulty} (digits per operand) must be in 1..4")
@@ -145,7 +162,7 @@ class ArithmeticTask(Task):
             raise ValueError(f"ops={ops!r} must be distinct characters from '+-'")
         if not 2 <= n_operands <= 4:
             raise ValueError(f"n_operands={n_operands} must be in 2..4")
-        super().__init__(difficulty=difficulty, val_fraction=val_fraction)
+        super().__init__(difficulty=difficulty, val_fraction=val_fraction, warmstart_fraction=warmstart_fraction)
         self.ops, self.reverse_answer, self.n_operands = ops, reverse_answer, n_operands
         self.low = 0 if difficulty == 1 else 10 ** (difficulty - 1)
         self.width = 10**difficulty - self.low
@@ -216,6 +233,7 @@ class CountdownTask(Task):
         ops: str = "+-*",
         steps: bool = False,
         val_fraction: float = 0.1,
+        warmstart_fraction: float = 0.0,
     ) -> None:
         if not 2 <= difficulty <= 4:
             raise ValueError(f"difficulty={difficulty} (count of numbers) must be in 2..4")
@@ -223,7 +241,7 @@ class CountdownTask(Task):
             raise ValueError(f"max_number={max_number} must be in 2..99")
         if not ops or set(ops) - set("+-*/") or len(set(ops)) != len(ops):
             raise ValueError(f"ops={ops!r} must be distinct characters from '+-*/'")
-        super().__init__(difficulty=difficulty, val_fraction=val_fraction)
+        super().__init__(difficulty=difficulty, val_fraction=val_fraction, warmstart_fraction=warmstart_fraction)
         self.max_number, self.ops, self.steps = max_number, ops, steps
 
     def describe(self) -> str:

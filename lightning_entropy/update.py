@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
 from lightning_entropy.components.common import world_size
-from lightning_entropy.components.losses import kl_penalty
+from lightning_entropy.components.losses import kl_penalty, rollout_correction_weights
 from lightning_entropy.forward import PolicyForward
 from lightning_entropy.metrics import MetricBank, SumRatio
 
@@ -28,19 +28,14 @@ class UpdateSchedule:
     shuffle: bool = False
     seed: int = 0
 
-    def minibatches(
-        self, batch: RolloutBatch, rollout_size: int, step: int
-    ) -> list[tuple[Tensor, RolloutBatch]]:
+    def minibatches(self, batch: RolloutBatch, rollout_size: int, step: int) -> list[tuple[Tensor, RolloutBatch]]:
         """(row indices, sub-batch) of this rank's rows for each optimizer step of one epoch."""
         per_rank = (self.mini_batch_size or rollout_size) // world_size()
         order = torch.arange(batch.size)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100003 + step)
             order = torch.randperm(batch.size, generator=g)
-        return [
-            (order[i : i + per_rank], batch.index(order[i : i + per_rank]))
-            for i in range(0, batch.size, per_rank)
-        ]
+        return [(order[i : i + per_rank], batch.index(order[i : i + per_rank])) for i in range(0, batch.size, per_rank)]
 
 
 class PolicyUpdate:
@@ -62,16 +57,14 @@ class PolicyUpdate:
         kl_type: str = "k3",
         grad_clip: float | None = None,
         drop_truncated: bool = False,
+        rollout_correction: tuple[str, float] = ("none", 2.0),
     ) -> None:
-        self.loss, self.regularizer, self.selector = (
-            components["loss"],
-            components["regularizer"],
-            components["selector"],
-        )
+        self.loss, self.regularizer, self.selector = components["loss"], components["regularizer"], components["selector"]
         self.forward, self.schedule = forward, schedule
         self.agg_mode, self.const = agg_mode, const
         self.kl_coef, self.kl_type, self.grad_clip = kl_coef, kl_type, grad_clip
         self.drop_truncated = drop_truncated  # DAPO's overlong filtering
+        self.correction, self.correction_cap = rollout_correction  # none | tis | mis, and its cap C
 
     def run(
         self,
@@ -96,6 +89,8 @@ class PolicyUpdate:
                 params = [p for p in policy.parameters() if p.grad is not None]
                 # the norm before clipping; an infinite max_norm only measures it
                 gn = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf) if params else None
+                if hasattr(gn, "full_tensor"):  # FSDP2: a DTensor, the same norm on every rank
+                    gn = gn.full_tensor()
                 if gn is not None and not torch.isfinite(gn):
                     optimizer.zero_grad()
                     skipped += 1
@@ -120,6 +115,10 @@ class PolicyUpdate:
         mb.token_weights = self.selector(mb).to(torch.float32) * mb.response_mask
         if self.drop_truncated:  # out of the loss and of its token-mean denominator
             mb.token_weights = mb.token_weights * (~mb.truncated)[:, None]
+        if self.correction == "mis":  # rejected tokens leave the loss and its denominator (verl)
+            kept = self.correction_weights(mb)
+            mb.token_weights = mb.token_weights * kept
+            bank.update("train/mis_kept_frac", kept, mb.response_mask.float())
         const = float(self.const or mb.response_ids.shape[1])
         norm = mb.agg_norm = make_agg_norm([mb], self.agg_mode, const=const, reduce=True)
         self.loss.prepare(mb)
@@ -161,6 +160,10 @@ class PolicyUpdate:
             micro.agg_norm.tokens = {k: v / scale for k, v in micro.agg_norm.tokens.items()}
             micro.agg_norm.seqs = {k: v / scale for k, v in micro.agg_norm.seqs.items()}
         per_tok, lstats = self.loss(logprobs, micro, entropy)
+        if self.correction == "tis":  # truncated IS weight on each token's policy-gradient loss
+            w = self.correction_weights(micro)
+            per_tok = per_tok * w
+            bank.update("train/tis_weight", w, mask)
         pg = micro.agg(per_tok, mode=self.agg_mode)
         view = logits / self.forward.temperature if reg.needs_logits else None
         reg_loss, rstats = reg(view, logprobs, entropy, micro, step)
@@ -182,6 +185,16 @@ class PolicyUpdate:
         self.loss.metrics.clear()
         reg.metrics.clear()
         return total
+
+    def correction_weights(self, b: RolloutBatch) -> Tensor:
+        if b.rollout_logprobs is None:
+            raise RuntimeError(
+                f"algo.rollout_correction={self.correction} needs the sampler's log-probs of the sampled "
+                "tokens (RolloutBatch.rollout_logprobs), and the sampler returned none"
+            )
+        return rollout_correction_weights(
+            b.old_logprobs, b.rollout_logprobs, b.response_mask, self.correction, self.correction_cap
+        )
 
     def record_selection(self, mb: RolloutBatch, bank: MetricBank) -> None:
         """What the selector kept in this mini-batch and the entropy of the kept tokens."""

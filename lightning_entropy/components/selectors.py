@@ -11,6 +11,7 @@ order), so they are deterministic and independent of how the batch is split.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,11 +30,13 @@ from lightning_entropy.components.common import (
 from lightning_entropy.registry import register
 
 SCOPES = ("minibatch", "micro")
+# selectors whose statistic the official code takes over the training batch, before mini-batching
+ROLLOUT_SCOPES = ("step", "minibatch")
 
 
-def check_scope(scope: str) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+def check_scope(scope: str, scopes: tuple[str, ...] = SCOPES) -> str:
+    if scope not in scopes:
+        raise ValueError(f"scope must be one of {scopes}, got {scope!r}")
     return scope
 
 
@@ -304,3 +307,125 @@ class STEERWeights(TokenSelector):
 
     def micro(self, batch: RolloutBatch, entropy: Tensor, logprobs: Tensor | None = None) -> Tensor:
         return self._weights(batch, pooled=False, logprobs=logprobs)
+
+
+def entropy_discriminator(batch: RolloutBatch) -> Tensor:
+    """S_t = p_t (H_t + log p_t) of the old policy (p_t = pi_old(o_t)), float64 (METHODS §6.3, §8.2)."""
+    lp = batch.old_logprobs.double()
+    return lp.exp() * (batch.entropy.double() + lp)
+
+
+def pooled_mean_std(x: Tensor, mask: Tensor) -> tuple[float, float]:
+    """Mean and population std of ``x`` over the valid tokens of every rank (0, 0 when there are none)."""
+    m = mask.to(x.dtype)
+    s = all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]))
+    mean = s[0] / s[1].clamp_min(1.0)
+    var = all_reduce_sum(((x - mean) ** 2 * m).sum()) / s[1].clamp_min(1.0)
+    return float(mean), float(var.sqrt())
+
+
+def _record_clip(metrics: dict[str, Any], keep: Tensor, batch: RolloutBatch) -> None:
+    mask = batch.response_mask.bool()
+    record_selection(metrics, keep, batch.entropy.float(), mask, pooled=True)
+    neg = (batch.advantages < 0) & mask
+    n = all_reduce_sum(torch.stack([(neg & ~keep).sum(), neg.sum()]).double())
+    metrics["clipped_neg_frac"] = n[0] / n[1].clamp_min(1)
+
+
+class _RolloutScoped(TokenSelector):
+    """A selector whose official statistic spans the whole training batch: ``scope: step`` (default)
+    fixes the weights once per rollout over every rank's rows; ``minibatch`` per mini-batch."""
+
+    def prepare_rollout(self, batch: RolloutBatch) -> None:
+        if self.scope == "step":
+            batch.step_weights = self.select(batch)
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        if self.scope == "step" and batch.step_weights is not None:
+            return batch.step_weights
+        return self.select(batch)
+
+    @abstractmethod
+    def select(self, batch: RolloutBatch) -> Tensor: ...
+
+
+@register("selector", "clip_b")
+class ClipBTokens(_RolloutScoped):
+    """Clip_B entropy-discriminator clipping (batch baseline), arXiv 2602.03392 (Trinity-RFT
+    ``ClipBAdvantageFn``): S_t = p_t (H_t + log p_t) from the old policy; with mean and population
+    std of S over the valid tokens, a token with A_t < 0 is dropped iff S_t - mean(S) < -mu std(S);
+    A_t >= 0 is always kept; std < 1e-12 keeps everything. mu = 2.5 (clipb.yaml).
+
+    Dropped tokens get weight 0, so they also leave the token-mean denominator (the official code
+    zeroes response_mask). ``scope: step`` (default) takes the statistics over the whole rollout of
+    every rank, as the official advantage function does before mini-batching; ``minibatch`` over
+    each mini-batch. The official p_t comes from the rollout engine's log-probs, here from the
+    recomputed pi_old (equal on-policy).
+    """
+
+    def __init__(self, *, mu: float = 2.5, scope: str = "step") -> None:
+        if not mu > 0:
+            raise ValueError(f"mu must be > 0, got {mu!r}")
+        self.mu = float(mu)
+        self.scope = check_scope(scope, ROLLOUT_SCOPES)
+
+    def select(self, batch: RolloutBatch) -> Tensor:
+        mask = batch.response_mask.bool()
+        s = entropy_discriminator(batch)
+        mean, std = pooled_mean_std(s, mask)
+        keep = mask.clone()
+        if std >= 1e-12:
+            keep &= (batch.advantages >= 0) | (s - mean >= -self.mu * std)
+        _record_clip(self.metrics, keep, batch)
+        self.metrics["s_mean"], self.metrics["s_std"] = mean, std
+        return keep.float()
+
+
+@register("selector", "clip_v")
+class ClipVTokens(_RolloutScoped):
+    """Clip_V entropy-discriminator clipping (vocabulary baseline), arXiv 2602.03392 (Trinity-RFT
+    ``ClipVAdvantageFn``, ``compute_N_from_logits``): D_t = N_t - S_t with S_t = p_t (H_t + log p_t)
+    and N_t = E_{v~pi_old}[S_v] = H_t sum_v p_v^2 + sum_v p_v^2 log p_v (full vocabulary, old pass).
+    A token with A_t > 0 is kept; one with A_t <= 0 is kept iff D_t <= mu std(D) (population std over
+    the valid tokens, NOT centred on mean D, as in the code); std < 1e-12 keeps everything. If more
+    than ``max_frac`` of the valid tokens would go and more than K = max(1, floor(max_frac N_valid))
+    of them have A_t < 0, only the K A_t < 0 tokens with the largest D go (ties: earlier position),
+    while zero-advantage tokens that fail the test still go (the code's behaviour).
+    Defaults mu = 8.5 (clipv.yaml / default_args; the constructor default is 2.0), max_frac = 1e-4.
+
+    Dropped tokens leave the token-mean denominator. ``scope: step`` (default) takes the statistics
+    and the cap over the whole rollout of every rank (the official training batch); ``minibatch``
+    over each mini-batch.
+    """
+
+    requires = frozenset({"discriminator_baseline"})
+
+    def __init__(self, *, mu: float = 8.5, max_frac: float = 1e-4, scope: str = "step") -> None:
+        if not mu > 0:
+            raise ValueError(f"mu must be > 0, got {mu!r}")
+        self.mu, self.max_frac = float(mu), check_fraction("max_frac", max_frac)
+        self.scope = check_scope(scope, ROLLOUT_SCOPES)
+
+    def select(self, batch: RolloutBatch) -> Tensor:
+        if batch.discriminator_baseline is None:
+            raise ValueError(
+                "clip_v reads batch.discriminator_baseline, which the old-policy pass did not fill"
+            )
+        mask = batch.response_mask.bool()
+        d = batch.discriminator_baseline.double() - entropy_discriminator(batch)
+        _, std = pooled_mean_std(d, mask)
+        keep = mask.clone()
+        if std >= 1e-12:
+            adv = batch.advantages
+            keep_neg = d <= self.mu * std
+            keep = mask & ((adv > 0) | keep_neg)
+            neg_out = mask & (adv < 0) & ~keep_neg
+            counts = all_reduce_sum(torch.stack([(mask & ~keep).sum(), mask.sum(), neg_out.sum()]).double())
+            cap = max(1, math.floor(self.max_frac * float(counts[1])))
+            if float(counts[0]) > self.max_frac * float(counts[1]) and float(counts[2]) > cap:
+                vals, offset = gather_valid(torch.where(neg_out, d, -math.inf), mask, pooled=True)
+                out = scatter_valid(top_k_mask(vals, cap), offset, mask)
+                keep = (keep | neg_out) & ~out
+        _record_clip(self.metrics, keep, batch)
+        self.metrics["d_std"] = std
+        return keep.float()

@@ -94,13 +94,12 @@ def random_batch(seed: int = 0, n_groups: int = 5, group_size: int = 4, T: int =
 
 EXPECTED = {
     "qae", "canon", "gtpo", "grpo_s", "entropy_adv", "mapo", "aapo", "ucas", "egsw", "riskpo",
-    "passk", "opo", "reinforce_pp_baseline", "hapo_token",
+    "passk", "opo", "reinforce_pp_baseline", "hapo_token", "copo", "ear",
 }  # fmt: skip
 
 
-def test_catalog_registered_and_copo_absent() -> None:
+def test_catalog_registered() -> None:
     assert EXPECTED <= set(ADVANTAGES.names())
-    assert "copo" not in ADVANTAGES.names()  # abstract-only: no formula, not registered
 
 
 @pytest.mark.parametrize("name", ADVANTAGES.names())
@@ -113,6 +112,11 @@ def test_every_estimator_runs_with_defaults(name: str) -> None:
     assert (adv[batch.response_mask == 0] == 0).all()
     for key in est.requires:
         assert key in {"ref_logprobs", "self_certainty", "sampled_logits", "paired_rewards"}
+    for key in est.provides:  # extra fields the estimator writes: finite, zero on padding
+        value = getattr(batch, key)
+        assert value.shape[0] == batch.size and torch.isfinite(value).all()
+        if value.dim() == 2:
+            assert (value[batch.response_mask == 0] == 0).all()
     # a second call (stateful estimators move on) stays well-formed
     assert torch.isfinite(est(batch)).all()
 
@@ -165,6 +169,9 @@ def test_truncation_flag_is_not_read(name: str) -> None:
         ("riskpo", {"lr_q": 0.0}),
         ("reinforce_pp_baseline", {"eps": 0.0}),
         ("hapo_token", {"fallback": 0.0}),
+        ("ear", {"mode": "both"}),
+        ("ear", {"beta": 0.0}),
+        ("ear", {"base": "nope"}),
     ],
 )
 def test_bad_hyperparameters_raise(name: str, kwargs: dict) -> None:
@@ -707,21 +714,31 @@ DIST_CASES = [
     ("riskpo", {"bundle_size": 2, "quantile_mode": "batch"}),  # bundle {2, 3} straddles the ranks
     ("riskpo", {"bundle_size": 2, "quantile_mode": "track"}),
     ("qae", {}),
+    ("copo", {"mode": "only-soft"}),  # the global advantage normalises over every rank's prompts
 ]
+
+
+def _dist_batch() -> RolloutBatch:
+    full = random_batch(seed=7, n_groups=5, group_size=4)
+    full.info = [{"extracted": str(i % 3 if i % 5 else 0)} for i in range(full.size)]  # varied H_q
+    return full
 
 
 def _dist_worker(rank: int, path: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{path}/rdv", rank=rank, world_size=2)
-    full = random_batch(seed=7, n_groups=5, group_size=4)
+    full = _dist_batch()
     gidx = torch.unique(full.group_ids, return_inverse=True)[1]
     rows = torch.nonzero(gidx < 3).flatten() if rank == 0 else torch.nonzero(gidx >= 3).flatten()
     out = {}
     for i, (name, kwargs) in enumerate(DIST_CASES):
         est = build(name, **kwargs)
         est(full.index(rows))  # riskpo track: the second call uses the tracked (cross-rank) quantiles
-        out[i] = (rows, est(full.index(rows)), {k: v for k, v in est.metrics.items() if v.dim() == 0})
+        local = full.index(rows)
+        adv = est(local)
+        extra = {f: getattr(local, f) for f in est.provides}
+        out[i] = (rows, adv, {k: v for k, v in est.metrics.items() if v.dim() == 0}, extra)
     torch.save(out, f"{path}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -729,14 +746,18 @@ def _dist_worker(rank: int, path: str) -> None:
 def test_statistics_are_taken_across_ranks(tmp_path) -> None:
     torch.multiprocessing.spawn(_dist_worker, args=(str(tmp_path),), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    full = random_batch(seed=7, n_groups=5, group_size=4)
+    full = _dist_batch()
     for i, (name, kwargs) in enumerate(DIST_CASES):
         est = build(name, **kwargs)
         est(full)
         ref = est(full)
         for part in parts:
-            rows, adv, metrics = part[i]
+            rows, adv, metrics, extra = part[i]
             assert torch.allclose(adv, ref[rows], atol=1e-5), name
+            for f, value in extra.items():
+                assert torch.allclose(value, getattr(full, f)[rows], atol=1e-6), (name, f)
+            if name == "copo":
+                assert full.global_advantages.abs().sum() > 0 and len(set(full.blend_weights.tolist())) > 1
             for key, value in metrics.items():
                 assert torch.allclose(value.float(), est.metrics[key].float(), atol=1e-5), (name, key)
 
@@ -810,3 +831,166 @@ def test_hapo_token_code_padding_quirk() -> None:
     empty = make_batch([0.95, 0.9, 0.9], [0, 0, 0], lengths=[0, 4, 4])
     assert build("hapo_token")(empty)[1, 0].item() == 0.0  # mu = 0.9 over the tokens: no fallback
     assert build("hapo_token", code_padding_quirk=True)(empty)[1, 0].item() < 0  # GRPO: 0.9 < mean
+
+
+# ---- COPO (arXiv 2508.04138, METHODS §8.1) -------------------------------------------------------
+
+
+def copo_batch(rewards: list[float], groups: list[int], answers: list[str | None]) -> RolloutBatch:
+    batch = make_batch(rewards, groups, lengths=[3] * len(rewards), T=4)
+    batch.info = [{"extracted": a} for a in answers]
+    return batch
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_copo_local_global_and_blend_by_hand() -> None:
+    # prompt 0: rewards 1,1,0,0, answers 5,5,7,8 -> clusters (2,1,1): H = 0.5*1 + 2*0.25*2 = 1.5 bits,
+    #   acc 0.5, A_loc = +-0.5/sqrt(1/3) = +-0.866025 (unbiased std)
+    # prompt 1: four 0.9 rewards (non-dyadic, all equal), one answer: H = 0, acc 0.9, A_loc = 0 exactly
+    # global over the 2 prompts: g = (0.5, 0.9), mean 0.7, unbiased std sqrt(0.08): A_glob = -+1/sqrt(2)
+    # w_q = sigmoid(5 (H - 1)): sigmoid(2.5) = 0.924142, sigmoid(-5) = 0.006693; soft-with-zero zeroes
+    # the w of the r = 0 responses (they train on the global loss only)
+    batch = copo_batch([1, 1, 0, 0, 0.9, 0.9, 0.9, 0.9], [0] * 4 + [1] * 4, ["5", "5", "7", "8"] + ["3"] * 4)
+    est = build("copo")
+    adv = est(batch)
+    a = 0.5 / math.sqrt(1 / 3)
+    assert torch.allclose(seq(adv), torch.tensor([a, a, -a, -a, 0, 0, 0, 0]), atol=ATOL)
+    assert torch.equal(adv[4:], torch.zeros(4, 4))  # exactly 0 for the all-0.9 group
+    r2 = 1 / math.sqrt(2)
+    assert torch.allclose(seq(batch.global_advantages), torch.tensor([-r2] * 4 + [r2] * 4), atol=ATOL)
+    assert (batch.global_advantages[:, 3] == 0).all()  # padding
+    w0, w1 = sigmoid(2.5), sigmoid(-5.0)
+    assert torch.allclose(batch.blend_weights, torch.tensor([w0, w0, 0, 0, w1, w1, w1, w1]), atol=1e-6)
+    assert est.metrics["answer_entropy"].tolist() == [1.5] * 4 + [0.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("only-soft", lambda w0, w1: [w0] * 4 + [w1] * 4),
+        ("soft-with-forced", lambda w0, w1: [w0] * 4 + [0] * 4),  # A_loc = 0 in the all-0.9 group
+        ("only-forced", lambda w0, w1: [1] * 4 + [0] * 4),
+        ("only-zero", lambda w0, w1: [1, 1, 0, 0, 1, 1, 1, 1]),
+        ("only-global", lambda w0, w1: [0] * 8),
+        ("no-global", lambda w0, w1: [1] * 8),
+    ],
+)
+def test_copo_modes(mode, expected) -> None:
+    batch = copo_batch([1, 1, 0, 0, 0.9, 0.9, 0.9, 0.9], [0] * 4 + [1] * 4, ["5", "5", "7", "8"] + ["3"] * 4)
+    build("copo", mode=mode)(batch)
+    want = torch.tensor(expected(sigmoid(2.5), sigmoid(-5.0)), dtype=torch.float32)
+    assert torch.allclose(batch.blend_weights, want, atol=1e-6)
+
+
+def test_copo_entropy_coefficient_and_missing_answers() -> None:
+    # entropy_coef: c_q = 1 - lam H_q with lam = (1 - 1/n)/log2 n. Prompt 0 (n = 4, H = 1.5):
+    # lam = 0.75/2 = 0.375, c = 0.4375, g = 0.5 * 0.4375 = 0.21875. Prompt 1 (H = 0): g = 0.9.
+    # Prompt 2: two empty answers (one "" cluster, H = 0), rewards 0: g = 0.
+    batch = copo_batch(
+        [1, 1, 0, 0, 0.9, 0.9, 0.9, 0.9, 0, 0],
+        [0] * 4 + [1] * 4 + [2] * 2,
+        ["5", "5", "7", "8"] + ["3"] * 4 + [None, None],
+    )
+    build("copo", entropy_coef=True)(batch)
+    g = [0.21875, 0.9, 0.0]
+    m = sum(g) / 3
+    s = math.sqrt(sum((x - m) ** 2 for x in g) / 2)
+    want = [(x - m) / (s + 1e-6) for x in g]
+    assert torch.allclose(
+        seq(batch.global_advantages), torch.tensor([want[0]] * 4 + [want[1]] * 4 + [want[2]] * 2)
+    )
+    assert batch.blend_weights[8:].tolist() == [0.0, 0.0]  # r = 0: global only
+
+
+def test_copo_all_prompts_at_one_accuracy_and_single_prompt_give_zero_global() -> None:
+    same = copo_batch([1, 0, 0, 1], [0, 0, 1, 1], ["1", "2", "1", "1"])  # acc 0.5 and 0.5: std 0
+    build("copo")(same)
+    assert torch.equal(same.global_advantages, torch.zeros(4, 4))
+    one = copo_batch([1, 0], [0, 0], ["1", "2"])
+    build("copo")(one)
+    assert torch.equal(one.global_advantages, torch.zeros(2, 4))
+    # an all-correct group: H = 0, w = sigmoid(-5) ~ 0.0067, A_loc = 0: almost purely global
+    allc = copo_batch([1, 1, 0, 1], [0, 0, 1, 1], ["4", "4", "x", "4"])
+    adv = build("copo")(allc)
+    assert torch.equal(adv[:2], torch.zeros(2, 4))
+    assert allc.blend_weights[:2].tolist() == pytest.approx([sigmoid(-5.0)] * 2)
+
+
+# ---- EAR (ETTRL) -----------------------------------------------------------------------------
+
+
+def test_ear_adv_res_hand_case_with_sign_flip_and_guard() -> None:
+    # group 0, GRPO on r = [1,0,0,0]: A = [1.5, -0.5, -0.5, -0.5] (times GRPO's eps factor a).
+    # mean token entropies H = [1.0, 2.0, 0.5, 4.5] (row 3 has one token; its padding reads 9.0)
+    # -> group mean 2.0 -> Y = 2 - H/2 = [1.5, 1.0, 1.75, -0.25]: row 3 (H > 2 mean) flips sign.
+    ent = [[0.5, 1.5], [2.0, 2.0], [0.0, 1.0], [4.5]]
+    batch = make_batch([1, 0, 0, 0], [0] * 4, lengths=[2, 2, 2, 1], entropy=ent)
+    a = 0.5 / (0.5 + 1e-6)
+    est = build("ear")
+    adv = est(batch)
+    expected = torch.tensor([[2.25, 2.25], [-0.5, -0.5], [-0.875, -0.875], [0.125, 0.0]]) * a
+    assert torch.allclose(adv, expected, atol=1e-5)
+    assert adv[3, 0] > 0 > seq(build("grpo")(batch))[3]  # the flip the notes do not guard against
+    # metrics: token-weighted Y and the share of tokens whose response flipped (1 of 7 tokens)
+    mask = batch.response_mask.float()
+    assert (est.metrics["sign_flip_frac"] * mask).sum() / mask.sum() == pytest.approx(1 / 7)
+    # the guard y_min = 0 zeroes the flipped response and leaves the others alone
+    guarded = build("ear", y_min=0.0)(batch)
+    assert torch.allclose(guarded[:3], expected[:3], atol=1e-5) and (guarded[3] == 0).all()
+
+
+def test_ear_group_mean_skips_empty_responses_and_equal_groups_keep_grpo() -> None:
+    # group 5: r = [1, 0, 0], row 1 empty. Mean H over rows with tokens: (1.0 + 3.0) / 2 = 2.0
+    # (not 4/3) -> Y = [1.5, -, 0.5]. GRPO: mean 1/3, unbiased std sqrt(1/3).
+    # group 7: equal non-dyadic entropies 0.9 -> Y exactly 1 -> exactly GRPO's advantage.
+    # group 9: all-equal rewards 0.9 -> A = 0 whatever Y.
+    ent = [[1.0, 1.0], [], [2.0, 4.0], [0.9, 0.9], [0.9], [0.1, 0.2], [3.0]]
+    batch = make_batch(
+        [1, 0, 0, 1, 0, 0.9, 0.9], [5, 5, 5, 7, 7, 9, 9], lengths=[2, 0, 2, 2, 1, 2, 1], entropy=ent
+    )
+    adv = build("ear")(batch)
+    std = math.sqrt(1 / 3)
+    assert adv[0, 0].item() == pytest.approx(1.5 * (2 / 3) / (std + 1e-6), abs=1e-5)
+    assert adv[2, 0].item() == pytest.approx(0.5 * (-1 / 3) / (std + 1e-6), abs=1e-5)
+    assert (adv[1] == 0).all()
+    grpo = build("grpo")(batch)
+    assert torch.equal(adv[3:5], grpo[3:5])
+    assert (adv[5:] == 0).all()
+    # a group with zero entropy everywhere keeps Y = 1 (no 0/0)
+    flat = make_batch([1, 0], [0, 0], entropy=torch.zeros(2, 4))
+    assert torch.equal(build("ear")(flat), build("grpo")(flat))
+
+
+def test_ear_adv_clip_and_base() -> None:
+    # Adv-Clip with beta = 2 on Dr. GRPO-style A = r - mean = [2.5, -2.5] -> [2, -2]; entropy unused
+    batch = make_batch([5, 0], [0, 0], lengths=[3, 1], entropy=[[100.0] * 3, [0.0]])
+    adv = build("ear", mode="clip", base_kwargs={"norm_std": False})(batch)
+    assert torch.allclose(adv, torch.tensor([[2.0, 2.0, 2.0], [-2.0, 0.0, 0.0]]))
+    batch.entropy = None  # clip mode never reads entropy
+    assert torch.allclose(
+        build("ear", mode="clip", beta=1.0, base="dr_grpo")(batch)[:, 0], torch.tensor([1.0, -1.0])
+    )
+    with pytest.raises(ValueError, match="batch.entropy"):
+        build("ear")(batch)
+
+
+def test_copo_answers_from_the_completion_with_an_extractor() -> None:
+    # Countdown-style completions: the reward's extracted expressions all differ (H = 2 bits), while
+    # their final results (extractor: number) agree on three of four: clusters (3, 1),
+    # H = -(3/4 log2 3/4 + 1/4 log2 1/4) = 0.811278 bits
+    completions = ["3+4=7,7*3=21", "4*3=12,12+9=21", "9+9=18,18+3=21", "1+1=2"]
+    batch = copo_batch([1, 1, 1, 0], [0] * 4, ["3+4*3", "4*3+9", "9+9+3", "1+1"])
+    for info, c in zip(batch.info, completions):
+        info["completion"] = c
+    est = build("copo")
+    est(batch)
+    assert est.metrics["answer_entropy"].tolist() == [2.0] * 4
+    est = build("copo", extractor="number")
+    est(batch)
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert est.metrics["answer_entropy"].tolist() == pytest.approx([h] * 4)
+    with pytest.raises(RegistryError, match="extractor"):
+        build("copo", extractor="regex")

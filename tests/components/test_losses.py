@@ -14,16 +14,21 @@ import lightning_entropy  # noqa: F401  (registers the built-in components)
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
 from lightning_entropy.components.losses import (
     BAPOLoss,
+    BuPOLoss,
     CEGPPOLoss,
     CISPOLoss,
     ClipCovLoss,
+    COPOLoss,
     EntroPICLoss,
+    ERALoss,
     ERCLoss,
     GSPOLoss,
     HAPOClipLoss,
     KLCovLoss,
     PPOLoss,
+    top_fraction_mean,
 )
+from lightning_entropy.ops import logprobs_and_entropy, topk_logprobs
 from lightning_entropy.registry import LOSSES
 from tests._dist import run_two_ranks
 
@@ -70,6 +75,13 @@ def random_batch(B: int = 8, T: int = 6, seed: int = 0) -> tuple[RolloutBatch, t
     batch = make_batch(adv, old, lengths, ent)
     cur = old + 0.3 * torch.randn(B, T, generator=g)
     ent_cur = ent * (1 + 0.3 * torch.randn(B, T, generator=g)).clamp_min(0.1)
+    # COPO's second advantage and blend weights (advantage: copo fills them in a run)
+    batch.global_advantages = torch.randn(B, 1, generator=g).expand(B, T) * batch.response_mask
+    batch.blend_weights = torch.rand(B, generator=g)
+    # ERA's transform, as prepare_rollout fixes it once per rollout
+    batch.logit_scale = torch.where(batch.advantages > 0, 2.0, 1.0) * batch.response_mask + (
+        1 - batch.response_mask
+    )
     return batch, cur, ent_cur
 
 
@@ -484,6 +496,7 @@ def test_every_loss_runs_with_defaults(name):
 def test_all_advantages_zero_gives_no_policy_gradient(name):
     batch, cur, ent_cur = random_batch(seed=4)
     batch.advantages = torch.zeros_like(batch.advantages)
+    batch.global_advantages = torch.zeros_like(batch.advantages)
     total, grad, _ = run(LOSSES.build(name), cur, batch, ent_cur)
     if name != "kl_cov":
         assert total.item() == 0 and torch.all(grad == 0)
@@ -690,3 +703,213 @@ def test_entropic_controller_entropy_keeps_float64():
     fn.prepare(batch)
     fn(torch.zeros(1, 2, dtype=torch.float64), batch, batch.entropy)
     assert fn.alpha == pytest.approx(1e-9, rel=1e-6)  # float32 entropy gives 1.49e-9
+
+
+# ---- rollout/training mismatch and its correction ---------------------------------------------
+
+
+def _mismatch_case():
+    """Four response tokens and one pad; pi_train / pi_rollout = 1.5, 3, 1/3, 0.6 (and 9 on the pad)."""
+    train = torch.log(torch.tensor([[0.6, 0.9, 0.1, 0.3, 0.9]]))
+    rollout = torch.log(torch.tensor([[0.4, 0.3, 0.3, 0.5, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    return train, rollout, mask
+
+
+def test_rollout_mismatch_by_hand():
+    from lightning_entropy.components.losses import rollout_mismatch
+
+    m = rollout_mismatch(*_mismatch_case())
+    w = torch.tensor([1.5, 3.0, 1 / 3, 0.6])
+    k3 = w - 1 - torch.log(w)  # 0.094535, 0.901388, 0.431946, 0.110826
+    assert torch.allclose(m["k3"][0, :4], k3, atol=1e-5)
+    assert torch.allclose(m["abs_diff"][0, :4], torch.log(w).abs(), atol=1e-6)
+    assert m["far"][0].tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]  # outside [1/2, 2]; the pad never counts
+    assert m["k3"][0, 4] == 0 and m["abs_diff"][0, 4] == 0
+
+
+def test_rollout_correction_weights_by_hand():
+    from lightning_entropy.components.losses import rollout_correction_weights
+
+    train, rollout, mask = _mismatch_case()
+    tis = rollout_correction_weights(train, rollout, mask, "tis", 2.0)
+    assert torch.allclose(tis, torch.tensor([[1.5, 2.0, 1 / 3, 0.6, 0.0]]), atol=1e-6)  # min(w, 2)
+    mis = rollout_correction_weights(train, rollout, mask, "mis", 2.0)
+    assert mis.tolist() == [[1.0, 0.0, 0.0, 1.0, 0.0]]  # kept iff 1/2 <= w <= 2
+    mis4 = rollout_correction_weights(train, rollout, mask, "mis", 4.0)
+    assert mis4.tolist() == [[1.0, 1.0, 1.0, 1.0, 0.0]]  # [1/4, 4] keeps 1/3 and 3
+    assert not tis.requires_grad
+
+
+def test_rollout_correction_edge_cases():
+    from lightning_entropy.components.losses import rollout_correction_weights, rollout_mismatch
+
+    lp = torch.log(torch.tensor([[0.2, 0.7, 0.9]]))
+    mask = torch.ones(1, 3)
+    # identical engines: every weight 1, no mismatch
+    assert torch.allclose(rollout_correction_weights(lp, lp, mask, "tis", 2.0), torch.ones(1, 3))
+    # w = C = 1 is kept
+    assert rollout_correction_weights(lp, lp, mask, "mis", 1.0).tolist() == [[1.0, 1.0, 1.0]]
+    assert rollout_mismatch(lp, lp, mask)["k3"].abs().max() == 0
+    # an empty mask: all zeros, no NaN
+    empty = torch.zeros(1, 3)
+    for mode in ("tis", "mis"):
+        assert rollout_correction_weights(lp, lp - 50, empty, mode, 2.0).tolist() == [[0.0, 0.0, 0.0]]
+    # a token the engine gave almost no probability: the weight stays finite (log-ratio clamped at 20)
+    far = rollout_correction_weights(lp, lp - 100, mask, "tis", 1e12)
+    assert torch.isfinite(far).all() and torch.allclose(far, torch.full((1, 3), math.exp(20)), rtol=1e-5)
+    with pytest.raises(ValueError, match="not one of tis, mis"):
+        rollout_correction_weights(lp, lp, mask, "none", 2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# COPO (arXiv 2508.04138): w L_ppo(A_loc) + (1 - w) L_ppo(A_glob)
+
+
+def test_copo_blend_by_hand_and_gradient():
+    # r = 1.5 everywhere (old log p = 0, current log 1.5), eps 0.2, clip_c 3.
+    # A_loc = 1: max(-1.5, -1.2) = -1.2, clipped (no gradient). A_glob = -0.5: max(0.75, 0.6) = 0.75,
+    # below the dual bound 1.5, gradient -A r = 0.75. w = 0.25: L = 0.25 (-1.2) + 0.75 (0.75) = 0.2625,
+    # dL/dlog pi = 0.75 * 0.75 = 0.5625. Row 1 (w = 1) is plain PPO: A_loc = -2 -> 3.0, gradient 3.0.
+    batch = make_batch([[1.0, 1.0], [-2.0, -2.0]], [[0.0, 0.0], [0.0, 0.0]], lengths=[2, 1])
+    batch.global_advantages = torch.tensor([[-0.5, -0.5], [7.0, 0.0]])
+    batch.blend_weights = torch.tensor([0.25, 1.0])
+    cur = torch.full((2, 2), math.log(1.5))
+    loss, grad, stats = per_token_grad(COPOLoss(), cur, batch)
+    assert torch.allclose(loss[0], torch.tensor([0.2625, 0.2625]), atol=1e-6)
+    assert torch.allclose(grad[0], torch.tensor([0.5625, 0.5625]), atol=1e-6)
+    assert loss[1, 0].item() == pytest.approx(3.0) and grad[1, 0].item() == pytest.approx(3.0)
+    ppo, _, _ = per_token_grad(PPOLoss(), cur, batch)
+    assert torch.equal(loss[1], ppo[1])
+    # global_coef scales the global part only: 0.25 (-1.2) + 0.75 * 2 * 0.75 = 0.825
+    loss2, _, _ = per_token_grad(COPOLoss(global_coef=2.0), cur, batch)
+    assert loss2[0, 0].item() == pytest.approx(0.825)
+
+
+def test_copo_loss_without_copo_advantages_says_so():
+    batch = make_batch([[1.0]], [[0.0]])
+    with pytest.raises(ValueError, match="advantage 'copo'"):
+        COPOLoss()(torch.zeros(1, 1), batch, batch.entropy)
+
+
+# --------------------------------------------------------------------------------------------
+# ERA (arXiv 2510.08549): z' = k z / z / k on A > 0 tokens by response entropy, old pass included
+
+
+def test_era_scaled_logits_on_a_three_token_vocabulary_by_hand():
+    # p = (1/2, 1/4, 1/4). k z: p' ~ (1/4, 1/16, 1/16) = (2/3, 1/6, 1/6); z / k: p' ~ (sqrt(1/2), 1/2, 1/2)
+    z = torch.log(torch.tensor([0.5, 0.25, 0.25])).expand(1, 3, 3).contiguous()
+    tgt = torch.zeros(1, 3, dtype=torch.long)
+    lp, h = logprobs_and_entropy(z, tgt, temperature=1 / torch.tensor([[2.0, 0.5, 1.0]]))
+    sharp = [2 / 3, 1 / 6, 1 / 6]
+    flat = [x / (math.sqrt(0.5) + 1.0) for x in (math.sqrt(0.5), 0.5, 0.5)]
+    ent = lambda p: -sum(x * math.log(x) for x in p)  # noqa: E731
+    assert lp[0].tolist() == pytest.approx([math.log(2 / 3), math.log(flat[0]), math.log(0.5)], abs=1e-6)
+    assert h[0].tolist() == pytest.approx([ent(sharp), ent(flat), 1.5 * math.log(2)], abs=1e-6)
+
+
+def test_era_response_entropy_is_the_mean_of_the_top_fifth():
+    ent = torch.tensor(
+        [[3.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 2.0], [1.0, 0.2, 0.5, 9.0] + [9.0] * 6, [9.0] * 10]
+    )
+    mask = (torch.arange(10)[None] < torch.tensor([[10], [3], [0]])).long()
+    # L = 10: k = 2 -> (3 + 2)/2; L = 3: k = max(1, floor(0.6)) = 1 -> 1.0; empty row -> 0
+    assert top_fraction_mean(ent, mask, 0.2).tolist() == [2.5, 1.0, 0.0]
+
+
+def era_batch() -> RolloutBatch:
+    # row 0: H_resp 0.2 < 0.45 (sharpen), row 1: H_resp 4 > 3 (flatten), row 2: 1.0 (unchanged)
+    adv = [[1.0, -1.0], [2.0, 2.0], [1.0, 1.0]]
+    batch = make_batch(
+        adv, [[-1.0, -1.0], [-2.0, -2.0], [-3.0, -3.0]], entropy=[[0.2, 0.1], [4.0, 1.0], [1.0, 0.5]]
+    )
+    batch.scaled_old_logprobs = torch.stack([batch.old_logprobs - 0.5, batch.old_logprobs - 0.25], -1)
+    return batch
+
+
+def test_era_prepare_rollout_picks_the_scale_and_old_log_probs_by_hand():
+    batch = era_batch()
+    loss = ERALoss()
+    assert loss.logit_scales == (2.0, 0.5)  # the old pass computes log pi_old at k z and z / k
+    loss.prepare_rollout(batch)
+    # two tokens per row: k = max(1, floor(0.4)) = 1, H_resp = the row's largest entropy (0.2, 4, 1);
+    # only A > 0 tokens are transformed
+    assert batch.logit_scale.tolist() == [[2.0, 1.0], [0.5, 0.5], [1.0, 1.0]]
+    assert batch.old_logprobs.tolist() == [[-1.5, -1.0], [-2.25, -2.25], [-3.0, -3.0]]
+    # ratio 1 (current = old under the transform): the loss is -A, the gradient -A per token
+    loss_t, grad, stats = per_token_grad(loss, batch.old_logprobs.clone(), batch)
+    assert loss_t.tolist() == [[-1.0, 1.0], [-2.0, -2.0], [-1.0, -1.0]]
+    assert grad.tolist() == [[-1.0, 1.0], [-2.0, -2.0], [-1.0, -1.0]]
+    # adv_scale: A' = A / k when sharpened, k A when flattened
+    scaled = ERALoss(adv_scale=True)
+    b2 = era_batch()
+    scaled.prepare_rollout(b2)
+    assert per_token_grad(scaled, b2.old_logprobs.clone(), b2)[0].tolist() == [
+        [-0.5, 1.0],
+        [-4.0, -4.0],
+        [-1.0, -1.0],
+    ]
+    # dual-clip with eps 1 / 1 and c = 10: r = e^3 > 2 on an A < 0 token -> -A r = 20.1 capped at 10
+    b3 = era_batch()
+    ERALoss().prepare_rollout(b3)
+    cur = b3.old_logprobs.clone()
+    cur[0, 1] += 3.0
+    assert per_token_grad(ERALoss(), cur, b3)[0][0, 1].item() == pytest.approx(10.0)
+
+
+def test_topk_log_probs_by_hand():
+    # logits (3, 2, 1, 0), k = 2: the top-2 set {0, 1}, log p = z - log(e^3 + e^2); outside: -1e4
+    z = torch.tensor([[[3.0, 2.0, 1.0, 0.0]] * 3]).requires_grad_()
+    tgt = torch.tensor([[0, 1, 2]])
+    lse = math.log(math.exp(3) + math.exp(2))
+    lp = topk_logprobs(z, tgt, 2)
+    assert lp[0].tolist() == pytest.approx([3 - lse, 2 - lse, -1e4], abs=1e-6)
+    # per-token temperature 0.5 (ERA's k z with k = 2): z / 0.5 over the same top-2 set
+    lp2 = topk_logprobs(z, tgt, 2, temperature=torch.full((1, 3), 0.5))
+    lse2 = math.log(math.exp(6) + math.exp(4))
+    assert lp2[0, :2].tolist() == pytest.approx([6 - lse2, 4 - lse2], abs=1e-6)
+    # the gradient of a top-k log-prob: onehot - softmax over the top-k only; none outside
+    lp.sum().backward()
+    p0, p1 = math.exp(3 - lse), math.exp(2 - lse)
+    assert z.grad[0, 0].tolist() == pytest.approx([1 - p0, -p1, 0, 0], abs=1e-6)
+    assert z.grad[0, 2].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_era_topk_option_is_a_policy_view():
+    assert ERALoss().policy_view() is None  # off by default: ablated apart from ERA itself
+    assert ERALoss(topk=20).policy_view().topk == 20
+    with pytest.raises(ValueError, match="topk"):
+        ERALoss(topk=0)
+
+
+def test_era_needs_its_rollout_preparation():
+    batch = era_batch()
+    with pytest.raises(ValueError, match="prepare_rollout"):
+        ERALoss()(batch.old_logprobs, batch, batch.entropy)
+    batch.scaled_old_logprobs = None
+    with pytest.raises(ValueError, match="scaled_old_logprobs"):
+        ERALoss().prepare_rollout(batch)
+
+
+# --------------------------------------------------------------------------------------------
+# BuPO (arXiv 2512.19673): layer k's internal policy for the first S_iter steps, then the full one
+
+
+def test_bupo_trains_the_layer_policy_for_s_iter_steps_then_the_full_model():
+    loss = BuPOLoss(layer=1, bottom_up_steps=2)
+    views = []
+    for _ in range(3):
+        views.append(loss.policy_view())
+        loss.end_step({})
+    assert [v is not None for v in views] == [True, True, False]
+    assert views[0].layer == 1 and views[0].final_norm is False  # the official training path: no norm
+    assert BuPOLoss(final_norm=True).policy_view().final_norm
+    assert BuPOLoss(bottom_up_steps=0).policy_view() is None  # plain GRPO from the start
+    resumed = BuPOLoss(layer=1, bottom_up_steps=2)
+    resumed.load_state_dict(loss.state_dict())
+    assert resumed.steps == 3 and resumed.policy_view() is None
+    # the surrogate is dual-clip PPO (eps 0.2/0.2, c = 10), whichever policy gave the log-probs
+    batch, cur, ent = random_batch(seed=2)
+    got, grad, _ = per_token_grad(BuPOLoss(), cur, batch)
+    want, grad0, _ = per_token_grad(PPOLoss(clip_c=10.0), cur, batch)
+    assert torch.equal(got, want) and torch.equal(grad, grad0)

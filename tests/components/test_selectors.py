@@ -13,6 +13,8 @@ import lightning_entropy  # noqa: F401  (registers the built-in components)
 from lightning_entropy.batch import RolloutBatch, make_agg_norm
 from lightning_entropy.components.losses import PPOLoss
 from lightning_entropy.components.selectors import (
+    ClipBTokens,
+    ClipVTokens,
     HighEntropyTokens,
     LowEntropyTokens,
     RandomTokens,
@@ -57,7 +59,9 @@ def random_batch(B: int = 8, T: int = 7, seed: int = 0) -> RolloutBatch:
     ent = (torch.rand(B, T, generator=g) * 3).tolist()
     adv = torch.randn(B, 1, generator=g).expand(B, T).tolist()
     old = (-torch.rand(B, T, generator=g) * 4).tolist()
-    return make_batch(ent, lengths, adv, old)
+    batch = make_batch(ent, lengths, adv, old)
+    batch.discriminator_baseline = torch.rand(B, T, generator=g) * batch.response_mask  # Clip_V's N_t
+    return batch
 
 
 # 7 valid tokens; 2.0 appears three times: (0,1), (0,3), (1,1)
@@ -196,6 +200,10 @@ def test_steer_linear_and_degenerate_cases():
         (STEERWeights, {"mode": "cubic"}),
         (STEERWeights, {"w_min": 0.0}),
         (STEERWeights, {"w_max": 0.5}),
+        (ClipBTokens, {"mu": 0.0}),
+        (ClipVTokens, {"mu": -1.0}),
+        (ClipVTokens, {"max_frac": 0.0}),
+        (ClipBTokens, {"scope": "micro"}),
     ],
 )
 def test_bad_hyperparameters_name_the_parameter(cls, kwargs):
@@ -210,10 +218,12 @@ def test_every_selector_runs_with_defaults(name):
     for w in (sel(batch), sel.micro(batch, batch.entropy * 1.1)):
         assert w.shape == batch.response_mask.shape and torch.isfinite(w).all()
         assert torch.all(w >= 0) and torch.all(w[batch.response_mask == 0] == 0)
-    assert sel.scope in ("minibatch", "micro")
+    assert sel.scope in ("minibatch", "micro", "step")
 
 
-@pytest.mark.parametrize("name", ["high_entropy", "low_entropy", "random_tokens", "window_entropy", "steer"])
+@pytest.mark.parametrize(
+    "name", ["high_entropy", "low_entropy", "random_tokens", "window_entropy", "steer", "clip_b", "clip_v"]
+)
 def test_selection_then_micro_batches_give_the_same_gradient(name):
     batch = random_batch(seed=5)
     batch.token_weights = SELECTORS.build(name)(batch) * batch.response_mask
@@ -241,6 +251,8 @@ DIST = [
     (RandomTokens, {"rho": 0.3, "seed": 4}),
     (STEERWeights, {"mode": "linear", "w_max": 1.2}),
     (STEERWeights, {}),
+    (ClipBTokens, {"mu": 1.0}),
+    (ClipVTokens, {"mu": 1.0, "max_frac": 0.05}),
 ]
 
 
@@ -290,3 +302,114 @@ def test_steer_micro_scope_uses_the_current_policy_probability():
     assert torch.allclose(got, expected, atol=1e-6)
     # without current log-probs (minibatch scope) pi falls back to pi_old, which differs here
     assert not torch.allclose(sel.micro(batch, batch.entropy), expected, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Clip_B / Clip_V (arXiv 2602.03392): S_t = p_t (H_t + log p_t), hand-computed thresholds
+
+
+def clip_batch(n_valid: int, lengths: list[int], outliers: dict, adv: list[list[float]]) -> RolloutBatch:
+    """Rows of width 8 where every valid token has p = 1, H = 0 (S = 0) except ``outliers``:
+    {(row, col): log p} with H = 0, so S = p log p there."""
+    B = len(lengths)
+    old = torch.zeros(B, 8)
+    for (r, c), lp in outliers.items():
+        old[r, c] = lp
+    batch = make_batch([[0.0] * 8 for _ in range(B)], lengths, adv, old.tolist())
+    assert int(batch.response_mask.sum()) == n_valid
+    return batch
+
+
+def test_clip_b_threshold_by_hand_and_the_shrinking_denominator():
+    # 8 valid tokens: seven S = 0 and one S = -c (c = 1/e: p = 1/e, log p = -1).
+    # mean = -c/8, population var = (7 (c/8)^2 + (7c/8)^2) / 8 = 7 c^2 / 64, std = c sqrt(7) / 8,
+    # so the outlier's z / std = (-7c/8) / (c sqrt(7)/8) = -sqrt(7) = -2.6458, whatever c.
+    adv = [[-1.0] * 8, [1.0] * 8]
+    batch = clip_batch(8, [5, 3], {(0, 2): -1.0}, adv)
+    c = math.exp(-1.0)
+    w = ClipBTokens(mu=2.5)(batch)  # -2.6458 < -2.5: the A < 0 outlier goes
+    assert w.tolist() == [[1, 1, 0, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
+    sel = ClipBTokens(mu=2.7)  # -2.6458 >= -2.7: kept
+    assert sel(batch).tolist() == batch.response_mask.float().tolist()
+    assert sel.metrics["s_mean"] == pytest.approx(-c / 8)
+    assert sel.metrics["s_std"] == pytest.approx(c * math.sqrt(7) / 8)
+    # the same outlier with A > 0 always stays
+    flipped = clip_batch(8, [5, 3], {(0, 2): -1.0}, [[1.0] * 8, [-1.0] * 8])
+    assert ClipBTokens(mu=2.5)(flipped).tolist() == flipped.response_mask.float().tolist()
+    # token-mean denominator: 7 kept tokens, not 8; a seq-mean drops nothing here (no row empties)
+    batch.token_weights = w
+    norm = make_agg_norm([batch], "token-mean", const=8.0)
+    assert norm.tokens == {"selected": 7.0, "response": 8.0}
+    ones = torch.ones(2, 8)
+    assert batch.agg(ones).item() == pytest.approx(1.0)  # sum over 7 kept / 7
+    assert ClipBTokens(mu=2.5).metrics == {}
+
+
+def test_clip_b_row_emptied_leaves_the_sequence_count():
+    # one valid token in row 1 is the A < 0 outlier: its row leaves seq-mean's count (2 -> 1)
+    adv = [[1.0] * 8, [-1.0] * 8]
+    batch = clip_batch(8, [7, 1], {(1, 0): -1.0}, adv)
+    batch.token_weights = ClipBTokens(mu=2.5)(batch)
+    assert batch.token_weights[1].sum() == 0
+    norm = make_agg_norm([batch], "seq-mean-token-mean", const=8.0)
+    assert norm.seqs == {"selected": 1.0, "response": 2.0} and norm.tokens["selected"] == 7.0
+
+
+def test_clip_b_and_clip_v_keep_everything_when_s_is_constant_or_empty():
+    equal = clip_batch(8, [5, 3], {}, [[-1.0] * 8, [-1.0] * 8])  # S = 0 everywhere: std 0
+    equal.discriminator_baseline = torch.full((2, 8), 0.9) * equal.response_mask  # D = 0.9, std 0
+    for sel in (ClipBTokens(), ClipVTokens(mu=0.1, max_frac=1.0)):
+        assert sel(equal).tolist() == equal.response_mask.float().tolist()
+    empty = clip_batch(0, [0, 0], {}, [[-1.0] * 8, [-1.0] * 8])
+    empty.discriminator_baseline = torch.zeros(2, 8)
+    for sel in (ClipBTokens(), ClipVTokens()):
+        w = sel(empty)
+        assert w.sum() == 0 and sel.metrics["kept_frac"] == 0
+
+
+def test_clip_v_uncentred_threshold_zero_advantage_and_cap_by_hand():
+    # S = 0 on every valid token, so D = N. 16 valid tokens: N = 0 on 13, and 20 (A < 0), 30 (A < 0),
+    # 25 (A = 0). mean D = 75/16 = 4.6875; population var = (13 * 4.6875^2 + 15.3125^2 + 25.3125^2
+    # + 20.3125^2) / 16 = 1573.4375 / 16 = 98.33984375, std = 9.9166. mu = 2: threshold 2 std = 19.83
+    # (NOT mean + 2 std), so 20, 25 and 30 all fail.
+    batch = clip_batch(16, [8, 8], {}, [[1.0] * 8, [-1.0] * 8])
+    batch.advantages[1, 2] = 0.0
+    batch.discriminator_baseline = torch.zeros(2, 8)
+    batch.discriminator_baseline[1, :3] = torch.tensor([20.0, 30.0, 25.0])
+    sel = ClipVTokens(mu=2.0, max_frac=0.5)  # 3/16 clipped <= 0.5: no cap
+    assert sel(batch)[1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert sel.metrics["d_std"] == pytest.approx(math.sqrt(98.33984375))
+    assert sel.metrics["kept_frac"].item() == pytest.approx(13 / 16)
+    assert sel.metrics["clipped_neg_frac"].item() == pytest.approx(2 / 7)  # row 1 has 7 A < 0 tokens
+    # cap: 3/16 > 0.1 and 2 A < 0 violators > K = max(1, floor(0.1 * 16)) = 1: only the largest D (30)
+    # of the A < 0 ones goes; the A = 0 violator still goes (as in the official code)
+    assert ClipVTokens(mu=2.0, max_frac=0.1)(batch)[1].tolist() == [1, 0, 0, 1, 1, 1, 1, 1]
+    # mu = 3: threshold 29.75 -> only 30 goes
+    assert ClipVTokens(mu=3.0, max_frac=1.0)(batch)[1].tolist() == [1, 0, 1, 1, 1, 1, 1, 1]
+    # row 0 (A > 0) is never touched
+    assert ClipVTokens(mu=2.0, max_frac=0.1)(batch)[0].tolist() == [1] * 8
+
+
+def test_clip_v_needs_the_old_pass_baseline():
+    batch = clip_batch(8, [4, 4], {}, [[-1.0] * 8, [-1.0] * 8])
+    assert "discriminator_baseline" in ClipVTokens.requires
+    with pytest.raises(ValueError, match="discriminator_baseline"):
+        ClipVTokens()(batch)
+
+
+def test_clip_b_step_scope_fixes_the_rollout_statistics_for_every_mini_batch():
+    # over the whole rollout (8 valid tokens) the outlier's z / std is -sqrt(7) = -2.65 < -2.5: dropped.
+    # Row 0 alone (5 tokens: four S = 0, one S = -c): mean -c/5, population std 2c/5, z / std = -2:
+    # a per-mini-batch statistic would keep it.
+    batch = clip_batch(8, [5, 3], {(0, 2): -1.0}, [[-1.0] * 8, [-1.0] * 8])
+    step = ClipBTokens(mu=2.5)  # scope: step (default), as the official advantage function
+    assert step.scope == "step"
+    step.prepare_rollout(batch)
+    assert batch.step_weights[0].tolist() == [1, 1, 0, 1, 1, 0, 0, 0]
+    mini = batch.index([0])  # what the update hands the selector: the mini-batch's rows
+    assert step(mini).tolist() == [[1, 1, 0, 1, 1, 0, 0, 0]]
+    assert ClipBTokens(mu=2.5, scope="minibatch")(mini).tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
+    # minibatch scope never writes the rollout's weights
+    fresh = clip_batch(8, [5, 3], {(0, 2): -1.0}, [[-1.0] * 8, [-1.0] * 8])
+    ClipVTokens(scope="minibatch").prepare_rollout(fresh)
+    assert fresh.step_weights is None

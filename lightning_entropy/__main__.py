@@ -57,8 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep_file")
     sw.add_argument("--root", help="parent of the sweep directory (default: the file's `root`, else runs)")
     sw.add_argument("--dry-run", action="store_true", help="validate every run and print the commands")
-    r = sub.add_parser("report", help="summary table and curves of a run directory")
-    r.add_argument("run_dir")
+    r = sub.add_parser("report", help="report.md + figures of a run directory, or overlays of a sweep's runs")
+    r.add_argument("run_dir", help="a run directory, or a sweep directory (its runs overlaid)")
+    r.add_argument(
+        "--law-fit-points", type=int, default=None,
+        help="fit the entropy-performance law on the first K validations and report the error on the rest",
+    )
     e = sub.add_parser("export", help="a checkpoint or run directory -> a Hugging Face model folder")
     e.add_argument("source", help="PATH.ckpt, or a run directory (its checkpoints/last.ckpt)")
     e.add_argument("out_dir", help="new folder for save_pretrained (AutoModelForCausalLM, vLLM)")
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "components":
             return cmd_components(args)
         if args.command == "report":
-            return cmd_report(Path(args.run_dir))
+            return cmd_report(Path(args.run_dir), args.law_fit_points)
         if args.command == "export":
             return cmd_export(Path(args.source), Path(args.out_dir))
         if args.command == "sweep":
@@ -126,14 +130,20 @@ def cmd_method_table(args: Any) -> int:
     return 0
 
 
-def cmd_report(run_dir: Path) -> int:
-    from lightning_entropy.report import plot_curves, read_metrics, summary_table
+def cmd_report(run_dir: Path, law_fit_points: int | None = None) -> int:
+    from lightning_entropy import report
 
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
-    series = read_metrics(run_dir)
-    print(summary_table(series))
-    print(f"curves: {plot_curves(series, run_dir / 'curves.png')}")
+    if law_fit_points is not None and law_fit_points < 2:
+        raise ConfigError(f"report --law-fit-points={law_fit_points}: the law has two coefficients, need >= 2")
+    if report.is_sweep_dir(run_dir):
+        print(f"sweep report: {report.write_sweep_report(run_dir)}")
+        return 0
+    series = report.read_metrics(run_dir)
+    print(report.summary_table(series))
+    print(f"curves: {report.plot_curves(series, run_dir / 'curves.png')}")
+    print(f"report: {report.write_report(run_dir, law_fit_points)}")
     return 0
 
 

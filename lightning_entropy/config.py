@@ -157,6 +157,27 @@ class LoggingConfig:
     plot: bool = True
 
 
+@dataclass
+class DiagnosticsConfig:
+    """Entropy-dynamics diagnostics (``lightning_entropy/diagnostics``): each one on/off with a period
+    in RL steps (a validation-time one runs at validations whose step is a multiple of it). On by
+    default only what is nearly free: answers, pass@k for every k, the law fit."""
+
+    answers: bool = True  # answer entropy and distinct answers per group, training and validation
+    pass_at_all_k: bool = True  # val/pass@k for k = 1..logging.val_samples, and val/support
+    entropy_law: bool = True  # fit R = -a exp(H) + b over the validations so far
+    entropy_change: bool = False  # measured vs first-order predicted entropy change, on the same tokens
+    entropy_change_every: int = 10
+    entropy_change_rows: int | None = None  # measure the rollout's first rows only (null: all)
+    # also predict from the actual parameter change (grad of entropy . delta theta; one backward)
+    entropy_change_linear: bool = True
+    effective_rank: bool = False  # effective rank of validation responses' last hidden states
+    effective_rank_every: int = 10
+    logit_lens: bool = False  # entropy of every decoder layer's logit-lens policy on validation
+    logit_lens_every: int = 10
+    logit_lens_norm: bool = False  # the final norm before the LM head (BuPO's training path has none)
+
+
 def _component(name: str) -> Any:
     return field(default_factory=lambda: {"name": name})
 
@@ -180,6 +201,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 COMPONENT_SECTIONS = ("sampler", "reward", "advantage", "selector", "loss", "regularizer")
@@ -463,6 +485,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
             "logging.tensorboard=true needs the tensorboard package: pip install "
             "'lightning_entropy[tensorboard]'"
         )
+    _validate_diagnostics(cfg)
     _validate_data(cfg)
     _validate_model(cfg)
     _validate_loggers(cfg)
@@ -593,6 +616,19 @@ def _validate_data(cfg: DictConfig) -> None:
         PromptFormat(template=d.template, chat_template=d.chat_template, system_prompt=d.system_prompt)
     except DataError as err:
         raise ConfigError(str(err)) from err
+
+
+def _validate_diagnostics(cfg: DictConfig) -> None:
+    dg = cfg.diagnostics
+    for key in ("entropy_change_every", "effective_rank_every", "logit_lens_every"):
+        if dg[key] < 1:
+            raise ConfigError(f"diagnostics.{key}: must be >= 1 RL step, got {dg[key]}")
+    rows, group = dg.entropy_change_rows, cfg.sampler.get("group_size", 1)
+    if rows is not None and (rows < 1 or rows % group):
+        raise ConfigError(
+            f"diagnostics.entropy_change_rows={rows}: must be a positive multiple of sampler.group_size "
+            f"({group}), so whole groups are measured (or null for the whole rollout)"
+        )
 
 
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_entropy import rollout as R
 from lightning_entropy.config import COMPONENT_SECTIONS, build_component, saved_container
+from lightning_entropy.diagnostics import Diagnostics
 from lightning_entropy.export import drop_reference_weights, restore_reference_weights
 from lightning_entropy.forward import PolicyForward
 from lightning_entropy.health import HealthMonitor
@@ -81,6 +82,7 @@ class RLVRModule(L.LightningModule):
         )
         self.health = HealthMonitor(**OmegaConf.to_container(cfg.health), warn=rank_zero_warn)
         self.stats, self.val_stats = MetricBank(), MetricBank()
+        self.diagnostics = Diagnostics(cfg.diagnostics, self.forward_cfg)
         self._warned_on_policy = False
 
     # ---- model and optimizer ---------------------------------------------------------------
@@ -155,6 +157,7 @@ class RLVRModule(L.LightningModule):
                 self.policy, self.ref_policy, data["examples"], int(data["group_offset"]), timer, extra
             )
         self._warn_if_clipping_cannot_act()
+        self.diagnostics.before_update(self.policy, batch, self.rl_step)
         with timer("update"):
             self.update_stage.run(
                 batch,
@@ -170,6 +173,7 @@ class RLVRModule(L.LightningModule):
             self.components["sampler"].after_update(self.policy, self.rl_step)
         R.record_rollout(self.stats, batch, self.components)  # after the update: pi_old may come from it
         self.components["sampler"].observe(batch)
+        self.diagnostics.after_update(self.policy, batch, self.stats)
         self.last_rollout = batch
         timer.seconds["step"] = time.perf_counter() - t0
         summary = self._log_step(timer, batch)
@@ -188,6 +192,7 @@ class RLVRModule(L.LightningModule):
         values = {k: float(v) for k, v in self.stats.compute(self.device).items()}
         values["train/lr"] = self.lr_schedulers().get_last_lr()[0]
         values["train/rl_step"] = float(self.rl_step)
+        values.update(self.diagnostics.step_values(self.rl_step, values))
         # one call per logger, against the RL step: Lightning's self.log costs ~1 ms a key (50 keys:
         # 6% of a tiny step); it only feeds the progress bar
         for lg in self.loggers:
@@ -221,10 +226,12 @@ class RLVRModule(L.LightningModule):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), gathered_for_generation(self.policy):
             torch.manual_seed(self.cfg.seed * 1_000_003 + self.rl_step)
-            R.evaluate(
+            drawn, correct = R.evaluate(
                 self.components["sampler"], self.policy, self.tokenizer, examples, self.val_reward,
-                lg.val_samples, lg.val_temperature, self.val_stats, partial(PassAtK, ks=list(lg.pass_k)),
+                lg.val_samples, lg.val_temperature, self.val_stats,
+                partial(PassAtK, ks=self.diagnostics.pass_ks(list(lg.pass_k), lg.val_samples)),
             )
+        self.diagnostics.on_validation(self.policy, drawn, correct, self.rl_step, self.val_stats)
 
     def validation_step(self, data: dict[str, Any], batch_idx: int) -> None:
         self.evaluate_examples(data["examples"])
@@ -239,6 +246,7 @@ class RLVRModule(L.LightningModule):
         if not values:
             return
         self.last_validation = values
+        self.diagnostics.validation_values(self.rl_step, values)
         for lg in self.loggers:
             lg.log_metrics(values, step=self.rl_step)
             lg.save()
@@ -264,6 +272,7 @@ class RLVRModule(L.LightningModule):
             "rl_step": self.rl_step,
             "health": self.health.state_dict(),
             "components": {s: c.state_dict() for s, c in self.components.items()},
+            "diagnostics": self.diagnostics.state_dict(),
             "rng_by_rank": gathered_rng_states(),  # each rank resumes its own sampling stream
             "config": saved_container(self.cfg),  # ${oc.env:...} kept unresolved (secrets)
         }
@@ -276,6 +285,7 @@ class RLVRModule(L.LightningModule):
         self.health.load_state_dict(state.get("health", {}))
         for s, c in self.components.items():
             c.load_state_dict(state["components"].get(s, {}))
+        self.diagnostics.load_state_dict(state.get("diagnostics", {}))
         states = state.get("rng_by_rank") or [state["rng"]]  # older checkpoints: rank 0's state only
         if not restore_rank_rng(states, self.global_rank, self.cfg.seed, self.rl_step):
             warnings.warn(

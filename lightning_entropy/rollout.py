@@ -224,8 +224,9 @@ def evaluate(
     temperature: float,
     bank: MetricBank,
     pass_k: Any,
-) -> None:
-    """Greedy accuracy (``val/acc``) and unbiased pass@k over ``samples`` draws per prompt."""
+) -> tuple[RolloutBatch, Tensor]:
+    """Greedy accuracy (``val/acc``) and unbiased pass@k over ``samples`` draws per prompt; returns
+    the drawn samples and their correctness (for the validation diagnostics)."""
     prompts = [e.prompt for e in examples]
     refs = [e.answer for e in examples]
     greedy = sampler.generate(policy, tokenizer, prompts, 1, temperature=0.0)
@@ -233,7 +234,9 @@ def evaluate(
     bank.update("val/acc", correct(greedy), kind=ScalarMean)
     drawn = sampler.generate(policy, tokenizer, prompts, samples, temperature=temperature, independent=True)
     score(drawn, [refs[i // samples] for i in range(drawn.size)], reward)
-    bank.update("val/", correct(drawn).bool(), drawn.group_ids.cpu(), kind=pass_k)
+    hits = correct(drawn)
+    bank.update("val/", hits.bool(), drawn.group_ids.cpu(), kind=pass_k)
+    return drawn, hits
 
 
 def record_rollout(bank: MetricBank, batch: RolloutBatch, components: dict[str, Any]) -> None:

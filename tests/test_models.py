@@ -22,6 +22,19 @@ def test_char_tokenizer_roundtrip_and_save_load(tmp_path):
     assert again.padding_side == "left" and again.eos_token_id == 1 and again.pad_token_id == 0
 
 
+def test_char_tokenizer_beside_a_qwen2_config_keeps_its_spaces(tmp_path):
+    """The built-in policy's folder holds a Qwen2 config.json: the tokenizer must still load as the
+    saved character tokenizer (transformers < 5.20 would pick Qwen2Tokenizer and drop the spaces)."""
+    tok = build_char_tokenizer()
+    tiny(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    text = "2 6 2 8>18:"
+    again = load_tokenizer(tmp_path)
+    ids = again(text, add_special_tokens=False)["input_ids"]
+    assert ids == tok(text, add_special_tokens=False)["input_ids"] and len(ids) == len(text)
+    assert again.decode(ids) == text
+
+
 def test_tiny_policy_roundtrips_through_from_pretrained(tmp_path):
     tok = build_char_tokenizer()
     model = tiny(tok)

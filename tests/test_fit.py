@@ -335,7 +335,15 @@ def test_ttrl_flow_on_unlabeled_prompts(tmp_path, tiny_cache, capsys):
     assert main([*args, f"logging.root={tmp_path}", "algo.mini_batch_size=10"]) != 0
     assert "data.answer_key=null: the built-in policy" in capsys.readouterr().err
     fit(tmp_path, "warm", "trainer.max_steps=1")  # builds (or reuses) the cached tiny policy
-    (policy,) = [p for p in Path(tiny_cache).iterdir() if (p / "config.json").is_file()]
+    # the cache also holds other tests' policies (the testbed recipes warm-start on countdown)
+    (policy,) = [
+        p
+        for p in Path(tiny_cache).iterdir()
+        if (p / "warmstart.json").is_file()
+        and json.loads((p / "warmstart.json").read_text())["spec"]["task"]
+        == {"task": "arithmetic", "path": None, "difficulty": 2, "options": {"reverse_answer": True}, "seed": 0}
+        and json.loads((p / "warmstart.json").read_text())["spec"]["tiny"]["hidden_size"] == 32
+    ]
     run = fit(
         tmp_path,
         "ttrl",

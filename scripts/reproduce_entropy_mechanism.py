@@ -33,11 +33,10 @@ DEFAULT_SWEEP = ROOT / "configs" / "sweeps" / "entropy_mechanism.yaml"
 
 
 def fit_law(entropy: np.ndarray, reward: np.ndarray) -> tuple[float, float]:
-    """Least squares for R = -a*exp(H) + b (linear in exp(H)); returns (a, b)."""
-    x = np.exp(np.asarray(entropy, dtype=float))
-    design = np.stack([-x, np.ones_like(x)], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, np.asarray(reward, dtype=float), rcond=None)
-    return float(a), float(b)
+    """(a, b) of R = -a*exp(H) + b: the package's fit (diagnostics.maths), the one `report` uses."""
+    from lightning_entropy.diagnostics.maths import fit_entropy_law
+
+    return fit_entropy_law([float(h) for h in entropy], [float(r) for r in reward])
 
 
 def load_runs(sweep_file: Path, root: Path) -> dict[str, list[dict[str, list[tuple[int, float]]]]]:

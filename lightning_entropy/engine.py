@@ -109,7 +109,15 @@ def build_engine(model: torch.nn.Module, tokenizer: Any, **engine_kwargs: Any) -
             hf.generation_config.save_pretrained(path)
         tokenizer.save_pretrained(path)
         owns_dist = not torch.distributed.is_initialized()
-        llm = vllm.LLM(model=path, load_format="dummy", **engine_kwargs)
+        # the CPU worker drops torch to one thread and replaces torch.set_num_threads by a no-op for
+        # the whole process: training would then run on one core, and a process forked later (a
+        # data-parallel rank) would deadlock in its first matmul, its set_num_threads(1) skipped
+        set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            llm = vllm.LLM(model=path, load_format="dummy", **engine_kwargs)
+        finally:
+            torch.set_num_threads = set_threads
+            set_threads(threads)
     llm.le_restore = (owns_dist, env)
     load_weights(llm, model)
     return llm

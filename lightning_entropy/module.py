@@ -30,9 +30,7 @@ from lightning_entropy.metrics import MetricBank, PassAtK, PhaseTimer, SumRatio
 from lightning_entropy.models import load_policy, load_tokenizer
 from lightning_entropy.rng import gathered_rng_states, restore_rank_rng, seed_rank_stream
 from lightning_entropy.strategies import gathered_for_generation, shard_model
-from lightning_entropy.update import PolicyUpdate, UpdateSchedule, build_optimizer
-
-TASK_REWARDS = {"arithmetic": "exact_match", "countdown": "countdown"}
+from lightning_entropy.update import PolicyUpdate, UpdateSchedule, build_optimizer, warn_if_clipping_is_inert
 
 
 class RLVRModule(L.LightningModule):
@@ -52,7 +50,7 @@ class RLVRModule(L.LightningModule):
         self.last_rollout: Any = None  # read by loggers.SampleTable after the step
         self.last_step_stats: dict[str, float] = {}
         self.last_validation: dict[str, float] = {}
-        self.val_reward = self._val_reward()
+        self.val_reward = R.validation_reward(c["reward"], cfg.logging.get("val_reward"), cfg.data.task)
         temperature = a.temperature if a.temperature is not None else float(getattr(c["sampler"], "temperature", 1.0) or 1.0)
         self.forward_cfg = PolicyForward(temperature, a.chunk_size, a.logits_from_hidden, a.micro_batch_size)
         max_new = int(getattr(c["sampler"], "max_new_tokens", 0) or 0)
@@ -83,7 +81,6 @@ class RLVRModule(L.LightningModule):
         self.health = HealthMonitor(**OmegaConf.to_container(cfg.health), warn=rank_zero_warn)
         self.stats, self.val_stats = MetricBank(), MetricBank()
         self.diagnostics = Diagnostics(cfg.diagnostics, self.forward_cfg)
-        self._warned_on_policy = False
 
     # ---- model and optimizer ---------------------------------------------------------------
     @property
@@ -112,6 +109,8 @@ class RLVRModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         seed_rank_stream(self.cfg.seed, self.global_rank)  # each rank samples from its own stream
+        if stage == "fit":
+            warn_if_clipping_is_inert(self.components["loss"], self.updates_per_step)
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -138,15 +137,6 @@ class RLVRModule(L.LightningModule):
         opt, sched = build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps * self.updates_per_step)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def _val_reward(self) -> Any:
-        from lightning_entropy.registry import REWARDS
-
-        reward, name = self.components["reward"], self.cfg.logging.get("val_reward") or None
-        if name is None and not (reward.needs_policy_stats or getattr(reward, "unsupervised", False)):
-            return reward
-        name = name or TASK_REWARDS.get(self.cfg.data.task, "math_verify")
-        return REWARDS.build(name, {}, key="logging.val_reward")
-
     # ---- one RL step -----------------------------------------------------------------------
     def training_step(self, data: dict[str, Any], batch_idx: int) -> None:
         timer, t0 = PhaseTimer(), time.perf_counter()
@@ -156,7 +146,6 @@ class RLVRModule(L.LightningModule):
             batch = self.rollout_stage(
                 self.policy, self.ref_policy, data["examples"], int(data["group_offset"]), timer, extra
             )
-        self._warn_if_clipping_cannot_act()
         self.diagnostics.before_update(self.policy, batch, self.rl_step)
         with timer("update"):
             self.update_stage.run(
@@ -202,17 +191,6 @@ class RLVRModule(L.LightningModule):
         self.health.check(self.rl_step, values, self.updates_per_step)
         self.last_step_stats = values
         return values
-
-    def _warn_if_clipping_cannot_act(self) -> None:
-        loss = self.components["loss"]
-        if loss.ratio_dependent and self.updates_per_step == 1 and not self._warned_on_policy:
-            warnings.warn(
-                f"loss '{loss.registry_name}' acts through the importance ratio, but every update "
-                "is on-policy (algo.ppo_epochs=1, one mini-batch): the ratio is 1 and clipping does nothing. "
-                "Set algo.mini_batch_size or algo.ppo_epochs to make it bite (clip fractions are logged).",
-                stacklevel=2,
-            )
-            self._warned_on_policy = True
 
     # ---- validation ------------------------------------------------------------------------
     def evaluate_examples(self, examples: list[Any]) -> None:

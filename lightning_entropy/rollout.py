@@ -213,6 +213,20 @@ def correct(batch: RolloutBatch) -> Tensor:
     )
 
 
+# the reward validation scores with when training's needs the policy or no reference answer
+TASK_REWARDS = {"arithmetic": "exact_match", "countdown": "countdown"}
+
+
+def validation_reward(reward: Any, name: str | None, task: str) -> Any:
+    """The training reward, unless ``logging.val_reward`` names another or the training reward
+    cannot judge a reference answer alone (it reads the policy, or it is unsupervised)."""
+    from lightning_entropy.registry import REWARDS
+
+    if not name and not (reward.needs_policy_stats or getattr(reward, "unsupervised", False)):
+        return reward
+    return REWARDS.build(name or TASK_REWARDS.get(task, "math_verify"), {}, key="logging.val_reward")
+
+
 @torch.no_grad()
 def evaluate(
     sampler: Any,

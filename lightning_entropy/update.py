@@ -4,6 +4,7 @@ over micro-batches; plus the optimizer and its learning-rate schedule."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -216,6 +217,18 @@ def _write_rows(batch: RolloutBatch, rows: Tensor, mb: RolloutBatch) -> None:
     r = rows.to(batch.old_logprobs.device)
     batch.old_logprobs[r] = mb.old_logprobs
     batch.entropy[r] = mb.entropy
+
+
+def warn_if_clipping_is_inert(loss: Any, updates_per_step: int) -> None:
+    """A loss that acts through the importance ratio does nothing more than REINFORCE when every
+    update is on-policy: the ratio is exactly 1."""
+    if loss.ratio_dependent and updates_per_step == 1:
+        warnings.warn(
+            f"loss '{loss.registry_name}' acts through the importance ratio, but every update is on-policy "
+            "(algo.ppo_epochs=1, one mini-batch): the ratio is 1 and clipping does nothing. Set "
+            "algo.mini_batch_size or algo.ppo_epochs to make it bite (clip fractions are logged).",
+            stacklevel=2,
+        )
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

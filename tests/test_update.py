@@ -138,3 +138,16 @@ def test_correction_without_rollout_logprobs_says_so(policy_dir):  # noqa: F811
     batch.rollout_logprobs = None
     with pytest.raises(RuntimeError, match="rollout_correction=mis needs the sampler's log-probs"):
         _grads(m, batch)
+
+
+@pytest.mark.parametrize(("loss", "updates", "warns"), [("ppo", 1, True), ("ppo", 2, False), ("entropic", 1, False)])
+def test_a_ratio_loss_with_only_on_policy_updates_warns_that_clipping_is_inert(loss, updates, warns):
+    import warnings
+
+    from lightning_entropy.registry import LOSSES
+    from lightning_entropy.update import warn_if_clipping_is_inert
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_clipping_is_inert(LOSSES.build(loss, {}, key="loss"), updates)
+    assert any("clipping does nothing" in str(w.message) for w in caught) == warns

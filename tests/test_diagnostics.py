@@ -266,7 +266,8 @@ def test_logit_lens_and_effective_rank_on_a_tiny_model_by_hand():
         return ((-(logp.exp() * logp).sum(-1)) * m).sum().item() / m.sum().item()
 
     for norm in (False, True):
-        diag, bank = _diag(logit_lens=True, effective_rank=True, logit_lens_norm=norm), MetricBank()
+        diag = _diag(logit_lens=True, effective_rank=True, logit_lens_norm=norm, hidden_samples="null")
+        bank = MetricBank()
         diag.on_validation(policy, b, torch.tensor([1.0, 0, 0, 0]), 0, bank)
         got = {k: v.item() for k, v in bank.compute().items()}
         # hidden_states[1] is the first decoder layer's output, before the final norm
@@ -288,6 +289,10 @@ def test_logit_lens_and_effective_rank_on_a_tiny_model_by_hand():
         assert got["val/support"] == pytest.approx(0.5)  # group 0 has a correct sample, group 1 none
         assert got["val/distinct_answers"] == pytest.approx(1.5)  # {1, 2} and {3}
         assert got["val/answer_entropy"] == pytest.approx(math.log(2) / 2)
+    # the default reads one sample per prompt: rows 0 and 2, the first of each group
+    bank = MetricBank()
+    _diag(effective_rank=True).on_validation(policy, b, torch.tensor([1.0, 0, 0, 0]), 0, bank)
+    assert bank.compute()["val/effective_rank"].item() == pytest.approx((ers[0] + ers[2]) / 2, rel=1e-6)
 
 
 def test_law_is_fitted_when_the_validated_steps_entropy_is_known():
@@ -308,18 +313,21 @@ def test_law_is_fitted_when_the_validated_steps_entropy_is_known():
 def test_diagnostics_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="diagnostics.entropy_change_every"):
         validate(load_config(None, ["diagnostics.entropy_change_every=0"]))
-    with pytest.raises(ConfigError, match="diagnostics.entropy_change_rows=6.*group_size"):
-        validate(load_config(None, ["diagnostics.entropy_change_rows=6"]))
+    with pytest.raises(ConfigError, match="diagnostics.entropy_change_rows: must be >= 1"):
+        validate(load_config(None, ["diagnostics.entropy_change_rows=0"]))
+    with pytest.raises(ConfigError, match="diagnostics.hidden_samples: must be >= 1"):
+        validate(load_config(None, ["diagnostics.hidden_samples=0"]))
     with pytest.raises(ConfigError, match="diagnostics"):
         load_config(None, ["diagnostics.entropy_chnage=true"])
 
 
-def test_entropy_change_rows_measure_the_first_groups_only():
+@pytest.mark.parametrize("rows", [1, 2])  # 1 row is rounded up to its whole group
+def test_entropy_change_rows_measure_the_first_groups_only(rows):
     from lightning_entropy import ops
     from lightning_entropy.forward import _response_positions, model_inputs
 
     policy, b = _tiny_policy(), _batch()
-    diag, bank = _diag(entropy_change=True, entropy_change_rows=2, entropy_change_linear=False), MetricBank()
+    diag, bank = _diag(entropy_change=True, entropy_change_rows=rows, entropy_change_linear=False), MetricBank()
     diag.before_update(policy, b, step=0)
     diag.after_update(policy, b, bank)  # nothing changed: the measured change is exactly 0
     out = {k: v.item() for k, v in bank.compute().items()}

@@ -93,7 +93,10 @@ class Diagnostics:
     def before_update(self, policy: torch.nn.Module, batch: RolloutBatch, step: int) -> None:
         c = self.cfg
         if self.due(c.entropy_change, c.entropy_change_every, step):
-            rows = batch.index(slice(0, c.entropy_change_rows)) if c.entropy_change_rows else batch
+            rows = batch
+            if c.entropy_change_rows:  # whole groups: their advantages are measured against each other
+                first = batch.group_ids[: c.entropy_change_rows]
+                rows = batch.index(torch.isin(batch.group_ids, first).nonzero().squeeze(1))
             terms = self._terms(policy, rows, grad=c.entropy_change_linear)
             params, g = terms[-1]
             self._before = (rows, terms[:-1], g, _dot(g, params))
@@ -144,6 +147,8 @@ class Diagnostics:
         rank = self.due(c.effective_rank, c.effective_rank_every, step)
         lens = self.due(c.logit_lens, c.logit_lens_every, step)
         if rank or lens:
+            if c.hidden_samples:
+                drawn = drawn.index((_rank_in_group(drawn.group_ids) < c.hidden_samples).nonzero().squeeze(1))
             self._hidden_views(policy, drawn, bank, rank, lens)
 
     @torch.no_grad()
@@ -234,6 +239,13 @@ class Diagnostics:
             f.load_state_dict(state.get("fits", {}).get(k, {}))
         self.law_points = [tuple(p) for p in state.get("law_points", [])]
         self.pending = {int(k): dict(v) for k, v in state.get("pending", {}).items()}
+
+
+def _rank_in_group(group_ids: Tensor) -> Tensor:
+    """Each row's position within its group (groups are contiguous runs of rows)."""
+    _, counts = torch.unique_consecutive(group_ids, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(len(group_ids), device=group_ids.device) - starts.repeat_interleave(counts)
 
 
 def _dot(g: list[Tensor], params: list[Tensor]) -> float:

@@ -23,6 +23,7 @@ from lightning_entropy.components.common import (
     group_sum,
     masked_mean,
     masked_sum,
+    rank_in_group,
     rank_offset,
 )
 from lightning_entropy.registry import register
@@ -90,26 +91,10 @@ def _need(batch: RolloutBatch, *fields: str) -> None:
             raise ValueError(f"this advantage estimator reads batch.{f}, which is None")
 
 
-def _sort_in_groups(keys: Tensor, gidx: Tensor) -> Tensor:
-    """Permutation sorting by group, then ascending key; ties keep batch order (stable sorts)."""
-    order = torch.sort(keys, stable=True).indices
-    return order[torch.sort(gidx[order], stable=True).indices]
-
-
-def _rank_in_group(keys: Tensor, gidx: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank of each element inside its group by ascending key, the sorting permutation, group sizes."""
-    order = _sort_in_groups(keys, gidx)
-    counts = torch.bincount(gidx, minlength=n_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(gidx)
-    rank[order] = torch.arange(gidx.numel(), device=gidx.device) - starts[gidx[order]]
-    return rank, order, counts
-
-
 def _group_quantile(values: Tensor, gidx: Tensor, n_groups: int, q: float, interpolation: str) -> Tensor:
     """Per-group q-quantile [G]. ``linear`` is torch.quantile's default; ``lower`` is the lower
     empirical quantile inf{x : F(x) >= q} (not torch's 'lower', which indexes floor(q (n-1)))."""
-    _, order, counts = _rank_in_group(values, gidx, n_groups)
+    _, order, counts = rank_in_group(values, gidx, n_groups)
     v, n = values[order].double(), counts.double()
     starts = (torch.cumsum(counts, 0) - counts).double()
     if interpolation == "linear":
@@ -269,7 +254,7 @@ class CANONAdvantage(AdvantageEstimator):
         else:
             m = mask.sum(-1)
         gidx, n_groups = group_index(batch.group_ids)
-        rank, _, counts = _rank_in_group(m, gidx, n_groups)
+        rank, _, counts = rank_in_group(m, gidx, n_groups)
         n = counts[gidx]
         high = rank >= n // 2
         n_high = group_sum(high.double(), batch.group_ids)
@@ -616,7 +601,7 @@ def _bundle_papers(
     batch order, for k below the bundle's smallest group size.
     """
     qidx, n_q = group_index(group_ids)
-    k, _, sizes = _rank_in_group(torch.arange(r.numel(), device=r.device).float(), qidx, n_q)
+    k, _, sizes = rank_in_group(torch.arange(r.numel(), device=r.device).float(), qidx, n_q)
     n_b = -(-n_q // bundle_size)
     question_bundle = torch.arange(n_q, device=r.device) // bundle_size
     papers = sizes.new_full((n_b,), int(sizes.max())).scatter_reduce(0, question_bundle, sizes, "amin")
@@ -814,7 +799,7 @@ class PassKAdvantage(AdvantageEstimator):
         return torch.where(success, a[gidx, 0], a[gidx, 1])
 
     def _verl(self, r: Tensor, group_ids: Tensor, gidx: Tensor, n_groups: int) -> Tensor:
-        rank, order, counts = _rank_in_group(-r, gidx, n_groups)  # rank 0: the first best response
+        rank, order, counts = rank_in_group(-r, gidx, n_groups)  # rank 0: the first best response
         starts = torch.cumsum(counts, 0) - counts
         best = r[order[starts]]
         second = r[order[torch.minimum(starts + 1, starts + counts - 1)]]

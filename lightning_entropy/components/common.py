@@ -96,6 +96,22 @@ def group_index(group_ids: Tensor) -> tuple[Tensor, int]:
     return inverse, int(uniq.numel())
 
 
+def sort_in_groups(keys: Tensor, gidx: Tensor) -> Tensor:
+    """Permutation sorting by group, then ascending key; ties keep batch order (stable sorts)."""
+    order = torch.sort(keys, stable=True).indices
+    return order[torch.sort(gidx[order], stable=True).indices]
+
+
+def rank_in_group(keys: Tensor, gidx: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank of each element inside its group by ascending key, the sorting permutation, group sizes."""
+    order = sort_in_groups(keys, gidx)
+    counts = torch.bincount(gidx, minlength=n_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(gidx)
+    rank[order] = torch.arange(gidx.numel(), device=gidx.device) - starts[gidx[order]]
+    return rank, order, counts
+
+
 def group_sum(values: Tensor, group_ids: Tensor) -> Tensor:
     """Per-element sum of ``values`` over its group ([B] -> [B])."""
     idx, n = group_index(group_ids)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_entropy.batch import RolloutBatch
+from lightning_entropy.components.common import group_index, rank_in_group
 from lightning_entropy.diagnostics import maths as M
 from lightning_entropy.forward import PolicyForward, _response_positions, model_inputs
 from lightning_entropy.metrics import Covariance, MetricBank, ScalarMean, SumRatio, TokenMean
@@ -148,7 +149,9 @@ class Diagnostics:
         lens = self.due(c.logit_lens, c.logit_lens_every, step)
         if rank or lens:
             if c.hidden_samples:
-                drawn = drawn.index((_rank_in_group(drawn.group_ids) < c.hidden_samples).nonzero().squeeze(1))
+                gids = drawn.group_ids
+                position = rank_in_group(torch.arange(len(gids), device=gids.device), *group_index(gids))[0]
+                drawn = drawn.index((position < c.hidden_samples).nonzero().squeeze(1))
             self._hidden_views(policy, drawn, bank, rank, lens)
 
     @torch.no_grad()
@@ -239,13 +242,6 @@ class Diagnostics:
             f.load_state_dict(state.get("fits", {}).get(k, {}))
         self.law_points = [tuple(p) for p in state.get("law_points", [])]
         self.pending = {int(k): dict(v) for k, v in state.get("pending", {}).items()}
-
-
-def _rank_in_group(group_ids: Tensor) -> Tensor:
-    """Each row's position within its group (groups are contiguous runs of rows)."""
-    _, counts = torch.unique_consecutive(group_ids, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    return torch.arange(len(group_ids), device=group_ids.device) - starts.repeat_interleave(counts)
 
 
 def _dot(g: list[Tensor], params: list[Tensor]) -> float:

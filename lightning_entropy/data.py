@@ -247,7 +247,7 @@ class PromptDataModule(L.LightningDataModule):
         """Supervised warm-start pairs: the task's training side (never a validation problem), formatted
         like the RL prompts."""
         if self.task is not None:
-            return self.format_examples(self.task.generate("warmstart", n, self.seed), "warmstart")
+            return self.format_examples(self.task.warmstart(n, self.seed), "warmstart")
         self.setup()
         return self.train_examples[:n]
 

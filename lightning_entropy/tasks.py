@@ -74,6 +74,11 @@ class Task(ABC):
     def space(self) -> list[Example] | None:
         return None
 
+    def warmstart(self, n: int, seed: int) -> list[Example]:
+        """The warm-start's (prompt, demonstration) pairs for ``n`` problems of the warm-start split:
+        one demonstration each, unless a task can write several."""
+        return self.generate("warmstart", n, seed)
+
     def is_validation(self, key: str, seed: int) -> bool:
         return derive_seed(seed, "split", key) / 2**63 < self.val_fraction
 
@@ -232,9 +237,12 @@ class CountdownTask(Task):
         max_number: int = 9,
         ops: str = "+-*",
         steps: bool = False,
+        demonstrations: int = 1,
         val_fraction: float = 0.1,
         warmstart_fraction: float = 0.0,
     ) -> None:
+        if isinstance(demonstrations, bool) or not isinstance(demonstrations, int) or demonstrations < 0:
+            raise ValueError(f"demonstrations={demonstrations!r} must be an integer >= 0 (0: every solution)")
         if not 2 <= difficulty <= 4:
             raise ValueError(f"difficulty={difficulty} (count of numbers) must be in 2..4")
         if not 2 <= max_number <= 99:
@@ -243,12 +251,63 @@ class CountdownTask(Task):
             raise ValueError(f"ops={ops!r} must be distinct characters from '+-*/'")
         super().__init__(difficulty=difficulty, val_fraction=val_fraction, warmstart_fraction=warmstart_fraction)
         self.max_number, self.ops, self.steps = max_number, ops, steps
+        self.demonstrations = demonstrations
 
     def describe(self) -> str:
         return (
             f"countdown(difficulty={self.difficulty}, max_number={self.max_number}, ops={self.ops!r}, "
-            f"steps={self.steps})"
+            f"steps={self.steps}, demonstrations={self.demonstrations})"
         )
+
+    def _combine(self, a: Fraction, b: Fraction, op: str) -> Fraction | None:
+        """a op b under the task's rules (as ``_expression`` builds targets), or None if not allowed."""
+        if op == "/" and (b == 0 or a % b != 0):
+            return None
+        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+        return None if self.steps and value < 0 else value
+
+    def solutions(self, numbers: list[int], target: int) -> list[str]:
+        """Every distinct demonstration that reaches ``target`` from all of ``numbers``: each order of
+        combining two available numbers (operands in either order) with each allowed operator, written
+        in the demonstration's form (steps, or a parenthesised expression). Sorted."""
+        found: set[str] = set()
+
+        def reduce(items: list[tuple[Fraction, str]], steps: list[str]) -> None:
+            if len(items) == 1:
+                if items[0][0] == target:
+                    found.add(",".join(steps) if self.steps else items[0][1])
+                return
+            for i, (a, atext) in enumerate(items):
+                for j, (b, btext) in enumerate(items):
+                    if i == j:
+                        continue
+                    rest = [x for k, x in enumerate(items) if k not in (i, j)]
+                    for op in self.ops:
+                        value = self._combine(a, b, op)
+                        if value is None:
+                            continue
+                        # parenthesise every sub-expression, as the task's own demonstrations do
+                        text = f"{_wrap(atext)}{op}{_wrap(btext)}"
+                        reduce(rest + [(value, text)], steps + [f"{a}{op}{b}={value}"])
+
+        reduce([(Fraction(x), str(x)) for x in numbers], [])
+        return sorted(found)
+
+    def warmstart(self, n: int, seed: int) -> list[Example]:
+        """``demonstrations`` distinct solutions of each warm-start problem, drawn at random from all of
+        them (0: all), as separate pairs: a policy warm-started on one solution per problem memorises
+        it and starts nearly deterministic; one that has seen several keeps mass on several paths."""
+        problems = self.generate("warmstart", n, seed)
+        if self.demonstrations == 1:
+            return problems
+        out = []
+        for ex in problems:
+            found = self.solutions(ex.meta["numbers"], ex.meta["target"])
+            if self.demonstrations:
+                rng = random.Random(derive_seed(seed, "demonstrations", self.key(ex)))
+                found = rng.sample(found, min(self.demonstrations, len(found)))
+            out += [Example(ex.prompt, ex.answer, {**ex.meta, "demonstration": d}) for d in found]
+        return out
 
     def key(self, example: Example) -> str:
         return ",".join(map(str, sorted(example.meta["numbers"]))) + f"={example.meta['target']}"
@@ -299,6 +358,10 @@ class CountdownTask(Task):
                 meta = {"numbers": numbers, "target": target, "solution": built[0]}
                 meta["demonstration"] = ",".join(steps) if self.steps else built[0]
                 return Example(prompt, reference, meta)
+
+
+def _wrap(text: str) -> str:
+    return text if text.isdigit() else f"({text})"
 
 
 TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}

@@ -161,6 +161,53 @@ def test_countdown_steps_demonstrations_are_verified_solutions(difficulty, ops):
     )
 
 
+def test_countdown_solutions_are_every_order_of_every_tree_counted_by_hand():
+    # 1,2,3 -> 6 with + and -: only 1+2+3 reaches 6. Steps: the first pair in either order (6 ways),
+    # then the last step's two operands in either order, which writes one text when they are equal
+    # (3+3): 2 texts for the pair (1,2), 4 each for (1,3) and (2,3).
+    steps = CountdownTask(difficulty=3, ops="+-", steps=True)
+    found = steps.solutions([1, 2, 3], 6)
+    assert len(found) == 10 and len(set(found)) == 10
+    assert "1+2=3,3+3=6" in found and "2+1=3,3+3=6" in found and "3+2=5,1+5=6" in found
+    # Expressions: 3 pairs x 2 orders inside x the third number on either side = 12 distinct texts.
+    expressions = CountdownTask(difficulty=3, ops="+-", steps=False)
+    found = expressions.solutions([1, 2, 3], 6)
+    assert len(found) == 12 and "(1+2)+3" in found and "3+(2+1)" in found
+    # 1,2,3 -> 4: 2-1 then 3 on either side, 3-1 then 2+2 (one text), 2+3 or 3+2 then -1; never
+    # through a negative intermediate (1-2, 1-3, ...). Inexact division is not an operation.
+    assert steps.solutions([1, 2, 3], 4) == sorted(
+        ["2-1=1,1+3=4", "2-1=1,3+1=4", "3-1=2,2+2=4", "2+3=5,5-1=4", "3+2=5,5-1=4"]
+    )
+    assert CountdownTask(difficulty=2, ops="/", steps=True).solutions([4, 3], 1) == []
+    assert CountdownTask(difficulty=2, ops="/", steps=True).solutions([4, 2], 2) == ["4/2=2"]
+
+
+def test_countdown_warmstart_writes_several_verified_solutions_per_problem():
+    def task(k):
+        return CountdownTask(difficulty=4, ops="+-", steps=True, demonstrations=k, val_fraction=0.2,
+                             warmstart_fraction=0.5)
+
+    problems = task(1).generate("warmstart", 40, seed=2)
+    assert task(1).warmstart(40, seed=2) == problems  # the default: one demonstration, as before
+    four, every = task(4).warmstart(40, seed=2), task(0).warmstart(40, seed=2)
+    assert task(4).warmstart(40, seed=2) == four  # seeded
+    for ex in problems:
+        all_of_it = [e.demonstration for e in every if e.prompt == ex.prompt]
+        picked = [e.demonstration for e in four if e.prompt == ex.prompt]
+        assert sorted(all_of_it) == task(0).solutions(ex.meta["numbers"], ex.meta["target"])
+        assert len(set(picked)) == len(picked) == min(4, len(all_of_it)) and set(picked) <= set(all_of_it)
+    assert len(every) > len(four) > len(problems)
+    strict = CountdownReward(use_all=True, integer_intermediates=True)
+    r, _ = strict([e.prompt for e in every], [e.demonstration for e in every], [e.answer for e in every])
+    assert r.tolist() == [1.0] * len(every)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_countdown_refuses_a_bad_demonstration_count(bad):
+    with pytest.raises(ValueError, match="demonstrations="):
+        CountdownTask(difficulty=3, demonstrations=bad)
+
+
 @pytest.mark.parametrize("listed", [True, False], ids=["listed-space", "sampled-space"])
 def test_warmstart_fraction_reserves_problems_rl_never_trains_on(listed):
     task = (

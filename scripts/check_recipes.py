@@ -3,9 +3,11 @@
     python scripts/check_recipes.py --steps 150                  # every configs/*.yaml method recipe
     python scripts/check_recipes.py --steps 150 clip_cov kl_cov  # some of them
     python scripts/check_recipes.py --steps 2 --out /tmp/rc -- data.val_size=16   # overrides for all
+    python scripts/check_recipes.py --jobs 4                     # 4 configs at a time
 
-Each config runs through the command line exactly as a user runs it (``fit --config``), one after
-another, into ``--out/<name>``; a run that already finished there (its ``done.json``) is read, not rerun.
+Each config runs through the command line exactly as a user runs it (``fit --config``), ``--jobs`` at a
+time (each then gets its share of the CPU threads unless OMP_NUM_THREADS is set), into
+``--out/<name>``; a run that already finished there (its ``done.json``) is read, not rerun.
 Then one row per config: validation accuracy and pass@k at the first and last validation, token entropy
 at the first and last step, mean approx-KL per RL step, and a flag when the last accuracy is below the
 first. The flag is a plain comparison; the accuracy's binomial standard error is printed beside it so
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="runs/check_recipes", help="where the runs go (default runs/check_recipes)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="configs run at a time (default 1)")
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     overrides = argv[cut + 1 :]  # after --: key=value overrides for every run
     args = ap.parse_args(argv[:cut])
+    if args.jobs < 1:
+        raise SystemExit(f"check_recipes: --jobs {args.jobs} must be >= 1")
     configs = method_configs(args.names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_entropy.completion import read_marker
     from lightning_entropy.config import load_config
 
-    rows = []
-    for cfg_path in configs:
+    todo, val_sizes = [], {}
+    for cfg_path in configs:  # every config is validated and every directory checked before any run
         name = cfg_path.stem
         run_dir = out / name
         fit_args = [
@@ -89,16 +96,26 @@ def main(argv: list[str] | None = None) -> int:
             "logging.plot=false",
             *overrides,
         ]
-        val_size = load_config(cfg_path, fit_args).data.val_size
+        val_sizes[name] = load_config(cfg_path, fit_args).data.val_size
         if read_marker(run_dir) is None:
             if run_dir.exists():
                 raise SystemExit(f"check_recipes: {run_dir} holds an unfinished run; remove it or pick --out")
-            print(f"[check_recipes] {name}: fit --config {cfg_path.relative_to(ROOT)}", flush=True)
-            cmd = [sys.executable, "-m", "lightning_entropy", "fit", "--config", str(cfg_path), *fit_args]
-            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"[check_recipes] {name} failed:\n{done.stderr[-2000:]}", flush=True)
-        rows.append((name, summarise(run_dir, val_size)))
+            todo.append((name, cfg_path, fit_args))
+    env = dict(os.environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:  # parallel runs share the cores, not oversubscribe them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+
+    def run(job: tuple[str, Path, list[str]]) -> None:
+        name, cfg_path, fit_args = job
+        print(f"[check_recipes] {name}: fit --config {cfg_path.relative_to(ROOT)}", flush=True)
+        cmd = [sys.executable, "-m", "lightning_entropy", "fit", "--config", str(cfg_path), *fit_args]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"[check_recipes] {name} failed:\n{done.stderr[-2000:]}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run, todo))
+    rows = [(p.stem, summarise(out / p.stem, val_sizes[p.stem])) for p in configs]
 
     keys = sorted(
         {k for _, r in rows for k in r if k.startswith("pass@")}, key=lambda k: (int(k[5:].split("_")[0]), k)

@@ -28,7 +28,7 @@ def script(name: str):
 def test_check_recipes_runs_shipped_configs_and_tabulates_start_and_end(tmp_path, tiny_cache, capsys):
     check = script("check_recipes")
     out = tmp_path / "rc"
-    code = check.main(["grpo", "clip_cov", "--steps", "2", "--out", str(out), "--", *FAST])
+    code = check.main(["grpo", "clip_cov", "--steps", "2", "--jobs", "2", "--out", str(out), "--", *FAST])
     text = capsys.readouterr().out
     lines = [line for line in text.splitlines() if line.startswith(("grpo ", "clip_cov "))]
     assert len(lines) == 2, text
@@ -50,6 +50,8 @@ def test_check_recipes_names_an_unknown_config():
     check = script("check_recipes")
     with pytest.raises(SystemExit, match="no configs/clipcov.yaml; shipped: .*clip_cov"):
         check.main(["clipcov"])
+    with pytest.raises(SystemExit, match="--jobs 0 must be >= 1"):
+        check.main(["grpo", "--jobs", "0"])
 
 
 def test_law_fit_recovers_known_coefficients():

@@ -270,28 +270,39 @@ class CountdownTask(Task):
         """Every distinct demonstration that reaches ``target`` from all of ``numbers``: each order of
         combining two available numbers (operands in either order) with each allowed operator, written
         in the demonstration's form (steps, or a parenthesised expression). Sorted."""
-        found: set[str] = set()
+        start = tuple(sorted((Fraction(x), str(x)) for x in numbers))
+        # steps name an intermediate by its value alone, so every problem shares sub-problems with the
+        # others (a warm-start set of thousands is enumerated in about a second); expressions differ by
+        # their text, and share only within one problem
+        memo = self.__dict__.setdefault("_memo", {}) if self.steps else {}
+        return sorted(self._reductions(start, memo).get(Fraction(target), ()))
 
-        def reduce(items: list[tuple[Fraction, str]], steps: list[str]) -> None:
-            if len(items) == 1:
-                if items[0][0] == target:
-                    found.add(",".join(steps) if self.steps else items[0][1])
-                return
-            for i, (a, atext) in enumerate(items):
-                for j, (b, btext) in enumerate(items):
-                    if i == j:
+    def _reductions(
+        self, items: tuple[tuple[Fraction, str], ...], memo: dict[Any, dict[Fraction, set[str]]]
+    ) -> dict[Fraction, set[str]]:
+        """Final value -> every demonstration that reduces ``items`` (sorted (value, text) pairs) to it."""
+        if items in memo:
+            return memo[items]
+        out: dict[Fraction, set[str]] = {}
+        if len(items) == 1:
+            out[items[0][0]] = {"" if self.steps else items[0][1]}
+        for i, (a, atext) in enumerate(items if len(items) > 1 else ()):
+            for j, (b, btext) in enumerate(items):
+                if i == j:
+                    continue
+                rest = [x for k, x in enumerate(items) if k not in (i, j)]
+                for op in self.ops:
+                    value = self._combine(a, b, op)
+                    if value is None:
                         continue
-                    rest = [x for k, x in enumerate(items) if k not in (i, j)]
-                    for op in self.ops:
-                        value = self._combine(a, b, op)
-                        if value is None:
-                            continue
-                        # parenthesise every sub-expression, as the task's own demonstrations do
-                        text = f"{_wrap(atext)}{op}{_wrap(btext)}"
-                        reduce(rest + [(value, text)], steps + [f"{a}{op}{b}={value}"])
-
-        reduce([(Fraction(x), str(x)) for x in numbers], [])
-        return sorted(found)
+                    # parenthesise every sub-expression, as the task's own demonstrations do
+                    text = str(value) if self.steps else f"{_wrap(atext)}{op}{_wrap(btext)}"
+                    step = f"{a}{op}{b}={value}"
+                    for final, tails in self._reductions(tuple(sorted([*rest, (value, text)])), memo).items():
+                        done = {f"{step},{t}" if t else step for t in tails} if self.steps else tails
+                        out.setdefault(final, set()).update(done)
+        memo[items] = out
+        return out
 
     def warmstart(self, n: int, seed: int) -> list[Example]:
         """``demonstrations`` distinct solutions of each warm-start problem, drawn at random from all of

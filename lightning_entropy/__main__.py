@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep_file")
     sw.add_argument("--root", help="parent of the sweep directory (default: the file's `root`, else runs)")
     sw.add_argument("--dry-run", action="store_true", help="validate every run and print the commands")
+    sw.add_argument(
+        "--jobs", type=int, default=1, help="local launcher: runs at a time, each with its share of threads/GPUs"
+    )
     r = sub.add_parser("report", help="report.md + figures of a run directory, or overlays of a sweep's runs")
     r.add_argument("run_dir", help="a run directory, or a sweep directory (its runs overlaid)")
     r.add_argument(
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from lightning_entropy.sweep import run_sweep
 
-            return run_sweep(args.sweep_file, root=args.root, dry_run=args.dry_run)
+            return run_sweep(args.sweep_file, root=args.root, dry_run=args.dry_run, jobs=args.jobs)
         return cmd_fit(args, validate_only=args.command == "validate")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -186,7 +186,9 @@ def run_state(sweep_dir: Path, run: Run) -> str:
     return "stale" if run_dir.exists() else "new"
 
 
-def launch(spec: dict[str, Any], runs: list[Run], sweep_dir: Path, dry_run: bool = False) -> list[str]:
+def launch(
+    spec: dict[str, Any], runs: list[Run], sweep_dir: Path, dry_run: bool = False, jobs: int = 1
+) -> list[str]:
     """Run every unfinished run; returns the names of those that did not finish.
 
     Launching a sweep again continues it: finished runs (a ``done.json``) are skipped, runs with a
@@ -216,23 +218,57 @@ def launch(spec: dict[str, Any], runs: list[Run], sweep_dir: Path, dry_run: bool
     if spec.get("launcher", "local") == "slurm":
         _launch_slurm(spec, todo, sweep_dir)
     else:
-        _launch_local(spec, todo, sweep_dir)
+        _launch_local(spec, todo, sweep_dir, jobs)
     # the marker, not the exit code, says whether a run finished (an early stop exits 0 without one)
     failed = [r.name for r in todo if read_marker(sweep_dir / r.name) is None]
     return failed
 
 
-def _launch_local(spec: dict[str, Any], runs: list[Run], sweep_dir: Path) -> None:
-    for i, r in enumerate(runs):
-        args = fit_args(spec, r, sweep_dir)
-        print(f"[{i + 1}/{len(runs)}] {r.name}{' (resuming)' if '--resume' in args else ''}", flush=True)
-        log = sweep_dir / f"{r.name}.log"
-        with open(log, "a") as fh:  # a resumed run appends to the log of its first attempt
-            rc = subprocess.call(
-                [sys.executable, "-m", "lightning_entropy", *args], stdout=fh, stderr=subprocess.STDOUT
-            )
-        if rc != 0:
-            print(f"  failed (exit {rc}); see {log}", flush=True)
+def slot_env(slot: int, jobs: int, env: dict[str, str], cpus: int, gpus: int) -> dict[str, str]:
+    """The environment of the runs in job slot ``slot`` of ``jobs``: with several slots, each gets its
+    share of the CPU threads and, when there are enough GPUs, GPUs of its own (round robin), unless the
+    caller already set OMP_NUM_THREADS / CUDA_VISIBLE_DEVICES."""
+    env = dict(env)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, cpus // jobs))
+    if jobs > 1 and gpus >= jobs and "CUDA_VISIBLE_DEVICES" not in env:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(gpus) if g % jobs == slot)
+    return env
+
+
+def _launch_local(spec: dict[str, Any], runs: list[Run], sweep_dir: Path, jobs: int = 1) -> None:
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    gpus = 0
+    if jobs > 1:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    slots: queue.Queue[int] = queue.Queue()
+    for slot in range(jobs):
+        slots.put(slot)
+
+    def run(i: int, r: Run) -> None:
+        slot = slots.get()  # a free slot: its threads and devices are this run's until it ends
+        try:
+            args = fit_args(spec, r, sweep_dir)
+            print(f"[{i + 1}/{len(runs)}] {r.name}{' (resuming)' if '--resume' in args else ''}", flush=True)
+            log = sweep_dir / f"{r.name}.log"
+            with open(log, "a") as fh:  # a resumed run appends to the log of its first attempt
+                rc = subprocess.call(
+                    [sys.executable, "-m", "lightning_entropy", *args],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=slot_env(slot, jobs, dict(os.environ), os.cpu_count() or 1, gpus),
+                )
+            if rc != 0:
+                print(f"  {r.name} failed (exit {rc}); see {log}", flush=True)
+        finally:
+            slots.put(slot)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(run, range(len(runs)), runs))
 
 
 def _launch_slurm(spec: dict[str, Any], runs: list[Run], sweep_dir: Path) -> None:
@@ -311,16 +347,20 @@ def _in_slurm_queue(job_id: str) -> bool:
     return bool(out.stdout.strip())
 
 
-def run_sweep(path: str | Path, root: str | None = None, dry_run: bool = False) -> int:
+def run_sweep(path: str | Path, root: str | None = None, dry_run: bool = False, jobs: int = 1) -> int:
     from lightning_entropy.sweep_results import overlay_figure, results_by_point, results_table
 
+    if jobs < 1:
+        raise ConfigError(f"sweep --jobs {jobs}: must be >= 1")
     spec, runs = load_sweep(path)
+    if jobs > 1 and spec.get("launcher", "local") != "local":
+        raise ConfigError(f"{path}: --jobs {jobs} applies to the local launcher; Slurm runs every job at once")
     check_runs(spec, runs)
     sweep_dir = Path(root or spec.get("root") or "runs") / spec["name"]
     if not dry_run:
         sweep_dir.mkdir(parents=True, exist_ok=True)
     print(f"sweep '{spec['name']}': {len(runs)} runs -> {sweep_dir}")
-    failed = launch(spec, runs, sweep_dir, dry_run=dry_run)
+    failed = launch(spec, runs, sweep_dir, dry_run=dry_run, jobs=jobs)
     if dry_run:
         return 0
     print(results_table(sweep_dir, runs))

@@ -3,6 +3,7 @@ built-in testbed: GRPO against Clip-Cov, KL-Cov, an entropy bonus, 80/20 high-en
 
     python scripts/reproduce_entropy_mechanism.py                 # run the sweep (skips finished runs), draw
     python scripts/reproduce_entropy_mechanism.py --plot-only     # draw from the runs already there
+    python scripts/reproduce_entropy_mechanism.py --jobs 8        # 8 runs at a time (threads/GPUs shared out)
     python scripts/reproduce_entropy_mechanism.py --sweep S.yaml --root runs -- trainer.max_steps=50
 
 The runs are the sweep ``configs/sweeps/entropy_mechanism.yaml`` (every method recipe x 3 seeds, each an
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="runs", help="where sweeps go (default runs/)")
     ap.add_argument("--plot-only", action="store_true", help="draw from finished runs, start nothing")
     ap.add_argument("--baseline", default="grpo", help="the grid point the law is fitted on (default grpo)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (the sweep's --jobs; default 1)")
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     overrides = argv[cut + 1 :]  # after --: key=value overrides for every run
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_file = with_overrides(sweep_file, overrides, root)
     if not args.plot_only:
         cmd = [sys.executable, "-m", "lightning_entropy", "sweep", str(sweep_file), "--root", str(root)]
+        cmd += ["--jobs", str(args.jobs)]
         done = subprocess.run(cmd, cwd=ROOT)
         if done.returncode != 0:
             print(

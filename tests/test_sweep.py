@@ -14,7 +14,7 @@ from lightning_entropy.__main__ import main
 from lightning_entropy.completion import mark_finished, read_marker
 from lightning_entropy.config import ConfigError
 from lightning_entropy.report import read_metrics
-from lightning_entropy.sweep import check_runs, load_sweep, run_sweep
+from lightning_entropy.sweep import check_runs, load_sweep, run_sweep, slot_env
 from lightning_entropy.sweep_results import point_curves, results_by_point, results_table
 
 from .conftest import TINY
@@ -193,7 +193,7 @@ def test_local_sweep_finishes_tabulates_resumes_and_skips(tmp_path, tiny_cache, 
     ]
 
     untouched = (out / "rloo__seed0" / "done.json").stat().st_mtime_ns
-    assert run_sweep(f, root=str(tmp_path / "out")) == 0
+    assert run_sweep(f, root=str(tmp_path / "out"), jobs=2) == 0  # the 3 unfinished runs, 2 at a time
     assert (out / "rloo__seed0" / "done.json").stat().st_mtime_ns == untouched
     assert not list((out / "rloo__seed0").glob("config.resume-*.yaml"))
     # resumed at max_steps: nothing left to train, but now it has its marker
@@ -207,6 +207,26 @@ def test_local_sweep_finishes_tabulates_resumes_and_skips(tmp_path, tiny_cache, 
     assert [p.name.rsplit("-", 2)[0] for p in (out / ".stale").iterdir()] == ["grpo__seed1"]
     assert read_marker(out / "grpo__seed1")["rl_steps"] == 2
     assert {r["status"] for r in csv.DictReader(open(out / "results.csv"))} == {"finished"}
+
+
+def test_parallel_slots_share_out_threads_and_gpus_unless_the_caller_set_them():
+    assert slot_env(0, 1, {"A": "1"}, cpus=16, gpus=8) == {"A": "1"}  # one at a time: untouched
+    assert slot_env(1, 4, {}, cpus=16, gpus=0) == {"OMP_NUM_THREADS": "4"}
+    assert slot_env(1, 4, {}, cpus=16, gpus=8) == {"OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": "1,5"}
+    assert slot_env(2, 3, {}, cpus=2, gpus=2)["OMP_NUM_THREADS"] == "1"  # fewer GPUs than slots: none given
+    assert "CUDA_VISIBLE_DEVICES" not in slot_env(2, 3, {}, cpus=2, gpus=2)
+    mine = {"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "7"}
+    assert slot_env(0, 8, mine, cpus=64, gpus=8) == mine
+
+
+def test_jobs_are_refused_below_one_and_on_slurm(tmp_path):
+    f = tiny_sweep(tmp_path, "  advantage.name: [grpo]", ())
+    with pytest.raises(ConfigError, match="--jobs 0: must be >= 1"):
+        run_sweep(f, root=str(tmp_path / "out"), jobs=0)
+    f.write_text(f.read_text() + "launcher: slurm\n")
+    with pytest.raises(ConfigError, match="--jobs 2 applies to the local launcher"):
+        run_sweep(f, root=str(tmp_path / "out"), jobs=2)
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_name_collisions_fail_up_front(tmp_path):

@@ -260,7 +260,8 @@ class CountdownTask(Task):
         )
 
     def _combine(self, a: Fraction, b: Fraction, op: str) -> Fraction | None:
-        """a op b under the task's rules (as ``_expression`` builds targets), or None if not allowed."""
+        """a op b under the task's rules (inexact division, and a negative step, are not allowed): None
+        if not allowed. Targets are built and solutions enumerated with it."""
         if op == "/" and (b == 0 or a % b != 0):
             return None
         value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
@@ -281,12 +282,12 @@ class CountdownTask(Task):
         self, items: tuple[tuple[Fraction, str], ...], memo: dict[Any, dict[Fraction, set[str]]]
     ) -> dict[Fraction, set[str]]:
         """Final value -> every demonstration that reduces ``items`` (sorted (value, text) pairs) to it."""
+        if len(items) == 1:
+            return {items[0][0]: {"" if self.steps else items[0][1]}}
         if items in memo:
             return memo[items]
         out: dict[Fraction, set[str]] = {}
-        if len(items) == 1:
-            out[items[0][0]] = {"" if self.steps else items[0][1]}
-        for i, (a, atext) in enumerate(items if len(items) > 1 else ()):
+        for i, (a, atext) in enumerate(items):
             for j, (b, btext) in enumerate(items):
                 if i == j:
                     continue
@@ -338,18 +339,8 @@ class CountdownTask(Task):
             return None
         op = rng.choice(self.ops)
         (ltext, lval), (rtext, rval) = left, right
-        if op == "/" and (rval == 0 or lval % rval != 0):
-            return None
-        value = (
-            lval + rval
-            if op == "+"
-            else lval - rval
-            if op == "-"
-            else lval * rval
-            if op == "*"
-            else lval / rval
-        )
-        if self.steps and value < 0:
+        value = self._combine(lval, rval, op)
+        if value is None:
             return None
         steps.append(f"{lval}{op}{rval}={value}")
         # Parenthesise every sub-expression: correct whatever the precedence, and only a hint.

@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             if run_dir.exists():
                 raise SystemExit(f"check_recipes: {run_dir} holds an unfinished run; remove it or pick --out")
             todo.append((name, cfg_path, fit_args))
-    env = dict(os.environ)
-    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:  # parallel runs share the cores, not oversubscribe them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    from lightning_entropy.sweep import slot_env
+
+    # parallel runs share the cores instead of oversubscribing them: the sweep's rule (no GPUs handed out)
+    env = slot_env(0, args.jobs, dict(os.environ), os.cpu_count() or 1, gpus=0)
 
     def run(job: tuple[str, Path, list[str]]) -> None:
         name, cfg_path, fit_args = job
